@@ -1,0 +1,1 @@
+"""Evaluation: metrics, MLflow tracking and comparison reports (see the open issues)."""

@@ -1,0 +1,1 @@
+"""Entry points: the ``c2f`` CLI and (later) Prefect flows. Nothing imports this package."""

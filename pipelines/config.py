@@ -1,0 +1,81 @@
+"""The one typed config, loaded from YAML with ``--set dotted.key=value`` overrides.
+
+Only entry points (the CLI, later the Prefect flows) call :func:`load_config`; stages receive
+their own section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from coarse2fine.preprocess.config import (
+    DataConfig,
+    PreprocessConfig,
+    Section,
+    StorageConfig,
+    check_levels,
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line for the user."""
+
+
+class Config(Section):
+    """Sections present so far; the training/evaluation/tracking sections arrive with their stages."""
+
+    data: DataConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        check_levels(self.data, self.preprocess)
+        return self
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start empty), apply overrides, validate; raise :class:`ConfigError`."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections")
+    for item in overrides or []:
+        _apply_override(tree, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from e

@@ -1,0 +1,423 @@
+"""Beam jobs: ingest → ``images``/``rejected``, ``spectral`` (Haar DWT), ``decomposition`` (AT).
+
+Each job is a thin Beam graph around the pure functions of ``images``, ``dwt`` and
+``mumford_shah`` (img2dataset's reader / worker / writer split): the driver lists inputs, workers
+transform one element at a time, writers group rows into Parquet shards; the driver then writes
+the manifest last. Only bytes and strings travel between transforms, never numpy arrays.
+
+Each stage is a plain function usable without Prefect; it returns the URIs it wrote (or reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from coarse2fine.preprocess import dwt, images, mumford_shah, schema, storage
+from coarse2fine.preprocess.config import (
+    DataConfig,
+    PreprocessConfig,
+    StorageConfig,
+    check_levels,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".parquet",)
+
+
+@dataclass
+class StageResult:
+    """What a stage wrote (or found complete and reused)."""
+
+    stage: str
+    uris: dict[str, str]
+    rows: dict[str, int]
+    reused: bool
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- runner
+
+
+def make_pipeline(pre: PreprocessConfig) -> beam.Pipeline:
+    """A Beam pipeline on the configured runner.
+
+    ``local`` forces the in-process FnApiRunner (the plain DirectRunner first tries to download
+    the Prism runner, which fails offline); ``num_workers > 1`` runs that many worker processes.
+    Any other value is passed as ``--runner`` together with ``runner_options`` (Dataflow, Flink…).
+    """
+    if pre.runner == "local":
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        mode = "multi_processing" if pre.num_workers > 1 else "in_memory"
+        flags = [f"--direct_num_workers={pre.num_workers}", f"--direct_running_mode={mode}",
+                 "--default_sdk_harness_log_level=WARNING"]
+        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags + pre.runner_options))
+    return beam.Pipeline(options=PipelineOptions([f"--runner={pre.runner}", *pre.runner_options]))
+
+
+def _counter(result: beam.runners.runner.PipelineResult, name: str) -> int:
+    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    return int(sum(c.committed if c.committed is not None else c.attempted for c in found))
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _shard_of(ident: str, num_shards: int) -> int:
+    return int(hashlib.sha1(ident.encode()).hexdigest()[:8], 16) % num_shards
+
+
+class _WriteShards(beam.PTransform):
+    """Group ``(ident, row)`` pairs into ``num_shards`` Parquet shards built by ``make_rows``.
+
+    ``make_rows(items)`` turns the grouped ``(ident, payload)`` items of one shard into row dicts
+    of ``table_schema`` (this is where heavy per-row work runs, so it stays inside the writer and
+    arrays never cross a transform boundary).
+    """
+
+    def __init__(self, uri: str, run_id: str, num_shards: int, table_schema, make_rows) -> None:
+        super().__init__()
+        self.uri, self.run_id, self.num_shards = uri, run_id, num_shards
+        self.table_schema, self.make_rows = table_schema, make_rows
+
+    def expand(self, pcoll):
+        uri, run_id, n, sch, make_rows = self.uri, self.run_id, self.num_shards, self.table_schema, self.make_rows
+
+        def write(shard: int, items: Iterable) -> dict:
+            ordered = sorted(items, key=lambda kv: kv[0])  # deterministic row order
+            table = schema.table_from_rows(list(make_rows(ordered)), sch)
+            return storage.write_shard(uri, storage.shard_name(run_id, shard), table)
+
+        return (
+            pcoll
+            | "AssignShard" >> beam.Map(lambda kv: (_shard_of(kv[0], n), kv))
+            | "GroupShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.MapTuple(write)
+        )
+
+
+def _finish(uri: str, run_id: str, table_schema, **manifest) -> dict:
+    """List the shards a run wrote (an empty shard if none, so empty datasets stay readable),
+    then write the manifest last."""
+    shards = storage.list_shards(uri, run_id)
+    if not shards:
+        shards = [storage.write_shard(uri, storage.shard_name(run_id, 0), table_schema.empty_table())]
+    return storage.write_manifest(uri, shards=shards, **manifest)
+
+
+def _num_shards(rows: int, pre: PreprocessConfig) -> int:
+    return max(1, math.ceil(rows / pre.rows_per_shard))
+
+
+# ---------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """Inputs found under ``data.source``: image files, or Parquet files with row counts."""
+
+    kind: str  # "files" | "parquet"
+    entries: list[tuple[str, int]]  # (uri, size in bytes) or (parquet uri, rows)
+    labels: dict[str, int | None]  # file uri -> label (files only)
+    classes: list[str]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.entries) if self.kind == "files" else sum(n for _, n in self.entries)
+
+    def signature(self) -> str:
+        return hashlib.sha256(json.dumps([self.kind, self.entries]).encode()).hexdigest()[:16]
+
+
+def list_source(data: DataConfig) -> SourceListing:
+    """List the inputs under ``data.source`` (hidden and ``_``-prefixed names are skipped)."""
+    fs, root = storage.url_to_fs(data.source)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"data.source does not exist: {data.source}")
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+
+    def unstrip(p: str) -> str:
+        return p if proto in ("file", "local") else f"{proto}://{p}"
+
+    files = []
+    for p, info in sorted(found.items()):
+        rel = posixpath.relpath(p, root) if p != root else posixpath.basename(p)
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        files.append((unstrip(p), rel, int(info.get("size") or 0)))
+    if files and all(uri.endswith(IMAGE_SUFFIXES) for uri, _, _ in files):
+        entries = []
+        for uri, _, _ in files:
+            with fs.open(storage.url_to_fs(uri)[1], "rb") as f:
+                entries.append((uri, pq.ParquetFile(f).metadata.num_rows))
+        return SourceListing("parquet", entries, {}, [])
+    labels: dict[str, int | None] = {}
+    classes: list[str] = []
+    if data.label_from == "folder":
+        classes = sorted({rel.split("/")[0] for _, rel, _ in files if "/" in rel})
+    index = {c: i for i, c in enumerate(classes)}
+    for uri, rel, _ in files:
+        labels[uri] = index[rel.split("/")[0]] if "/" in rel and classes else None
+    return SourceListing("files", [(uri, size) for uri, _, size in files], labels, classes)
+
+
+def _read_file(uri: str) -> bytes:
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def _parquet_rows(uri: str, data: DataConfig) -> Iterator[tuple[str, int | None, bytes]]:
+    """Rows of a Parquet input as ``(source_uri, label, image bytes)``."""
+    fs, path = storage.url_to_fs(uri)
+    label_col = None if data.label_from in ("none", "folder") else data.label_from
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        cols = [data.image_column] + ([label_col] if label_col else [])
+        missing = [c for c in cols if c not in pf.schema_arrow.names]
+        if missing:
+            raise KeyError(f"{uri} has no column(s) {missing}; columns are {pf.schema_arrow.names}")
+        i = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=256):
+            imgs = batch.column(0).to_pylist()
+            labs = batch.column(1).to_pylist() if label_col else [None] * len(imgs)
+            for img, lab in zip(imgs, labs):
+                yield f"{uri}#row={i}", (None if lab is None else int(lab)), img or b""
+                i += 1
+
+
+class _Normalise(beam.DoFn):
+    """Worker: decode one input; main output ``(key, row)``, tagged output ``rejected`` rows."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.data = data
+
+    def process(self, item):
+        source_uri, label, payload = item
+        try:
+            raw = _read_file(source_uri) if payload is None else payload
+            norm = images.normalise_image(raw, self.data.resolution, self.data.min_size)
+        except images.RejectedImage as e:
+            yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, e.error, e.detail))
+            return
+        except OSError as e:  # unreadable file
+            yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, type(e).__name__, str(e)))
+            return
+        row = {
+            "key": norm.key,
+            "source_uri": source_uri,
+            "split": images.split_of(norm.key, self.data.validation_fraction),
+            "width": norm.width,
+            "height": norm.height,
+            "label": label,
+            "image": norm.png,
+        }
+        yield norm.key, row
+
+
+def _rejected(source_uri: str, error: str, detail: str) -> tuple[str, dict]:
+    return source_uri, {"source_uri": source_uri, "stage": "ingest", "error": error, "detail": detail}
+
+
+def _keep_first(key: str, rows: Iterable[dict]) -> tuple[str, dict]:
+    """Deduplicate: keep the row with the smallest source URI, count the others."""
+    rows = sorted(rows, key=lambda r: r["source_uri"])
+    if len(rows) > 1:
+        Metrics.counter("ingest", "duplicates").inc(len(rows) - 1)
+    return key, rows[0]
+
+
+def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> StageResult:
+    """Ingest ``data.source`` into the ``images`` and ``rejected`` datasets.
+
+    Reconciles ``inputs == images + duplicates + rejected`` and records the counts in the
+    manifest; a mismatch raises instead of writing a manifest.
+    """
+    t0 = time.time()
+    listing = list_source(data)
+    config = data.model_dump() | {"listing": listing.signature()}
+    code = storage.code_version(images, schema, storage, sys.modules[__name__])
+    fp = storage.fingerprint("ingest", config, [], code)
+    images_uri = storage.dataset_uri(store.root, "images", fp)
+    rejected_uri = storage.dataset_uri(store.root, "rejected", fp)
+    done = storage.read_manifest(images_uri)
+    if done is not None and storage.read_manifest(rejected_uri) is not None:
+        log.info("ingest: reusing complete dataset %s", images_uri)
+        return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
+                           {"images": done["rows"], "rejected": done["counts"]["rejected"]}, True,
+                           counts=done["counts"])
+    for uri in (images_uri, rejected_uri):
+        storage.prepare_empty(uri)
+    run_id = storage.new_run_id()
+    n_shards = _num_shards(listing.num_inputs, pre)
+    log.info("ingest: %d inputs from %s -> %s (%d shards)", listing.num_inputs, data.source, images_uri, n_shards)
+
+    p = make_pipeline(pre)
+    if listing.kind == "files":
+        items = p | "ListFiles" >> beam.Create(
+            [(uri, listing.labels[uri], None) for uri, _ in listing.entries], reshuffle=True
+        )
+    else:
+        items = (
+            p
+            | "ListParquet" >> beam.Create([uri for uri, _ in listing.entries])
+            | "ReadRows" >> beam.FlatMap(_parquet_rows, data)
+        )
+    out = items | "Normalise" >> beam.ParDo(_Normalise(data)).with_outputs("rejected", main="ok")
+    (
+        out.ok
+        | "ByKey" >> beam.GroupByKey()
+        | "Dedupe" >> beam.MapTuple(_keep_first)
+        | "WriteImages" >> _WriteShards(images_uri, run_id, n_shards, schema.IMAGES, lambda kv: (r for _, r in kv))
+    )
+    out.rejected | "WriteRejected" >> _WriteShards(
+        rejected_uri, run_id, _num_shards(1, pre), schema.REJECTED, lambda kv: (r for _, r in kv)
+    )
+    result = p.run()
+    result.wait_until_finish()
+
+    duplicates = _counter(result, "duplicates")
+    rej_shards = storage.list_shards(rejected_uri, run_id)
+    img_shards = storage.list_shards(images_uri, run_id)
+    counts = {
+        "inputs": listing.num_inputs,
+        "images": sum(s["rows"] for s in img_shards),
+        "duplicates": duplicates,
+        "rejected": sum(s["rows"] for s in rej_shards),
+    }
+    if counts["inputs"] != counts["images"] + counts["duplicates"] + counts["rejected"]:
+        raise RuntimeError(f"ingest counts do not reconcile, no manifest written: {counts}")
+    meta = dict(stage="ingest", fp=fp, config=config, inputs={"source": data.source}, code=code, counts=counts)
+    _finish(rejected_uri, run_id, schema.REJECTED, **meta)
+    _finish(images_uri, run_id, schema.IMAGES, **meta, extra={"classes": listing.classes})
+    log.info("ingest: %s", counts)
+    return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
+                       {"images": counts["images"], "rejected": counts["rejected"]}, False,
+                       time.time() - t0, counts)
+
+
+# ---------------------------------------------------------------- per-image stages
+
+
+def _image_rows(shard_uri: str) -> Iterator[tuple[str, bytes]]:
+    table = storage.read_shard(shard_uri, ["key", "image"])
+    yield from zip(table.column("key").to_pylist(), table.column("image").to_pylist())
+
+
+def _run_image_stage(
+    stage: str,
+    images_uri: str,
+    pre: PreprocessConfig,
+    store: StorageConfig,
+    config: dict,
+    code: str,
+    table_schema,
+    make_row,
+) -> StageResult:
+    """Shared driver of the per-image stages: fingerprint, reuse, Beam map, manifest."""
+    t0 = time.time()
+    src = storage.read_manifest(images_uri)
+    if src is None:
+        raise storage.IncompleteDatasetError(f"{images_uri} is incomplete: run ingest first")
+    fp = storage.fingerprint(stage, config, [src["fingerprint"]], code)
+    uri = storage.dataset_uri(store.root, stage, fp)
+    done = storage.read_manifest(uri)
+    if done is not None:
+        log.info("%s: reusing complete dataset %s", stage, uri)
+        return StageResult(stage, {stage: uri}, {stage: done["rows"]}, True)
+    storage.prepare_empty(uri)
+    run_id = storage.new_run_id()
+    log.info("%s: %d images -> %s", stage, src["rows"], uri)
+    p = make_pipeline(pre)
+    (
+        p
+        | "ListShards" >> beam.Create(storage.shard_uris(images_uri), reshuffle=True)
+        | "ReadImages" >> beam.FlatMap(_image_rows)
+        | "Write" >> _WriteShards(uri, run_id, _num_shards(src["rows"], pre), table_schema,
+                                  lambda kv: (make_row(k, png) for k, png in kv))
+    )
+    p.run().wait_until_finish()
+    manifest = _finish(uri, run_id, table_schema, stage=stage, fp=fp, config=config,
+                       inputs={"images": images_uri}, code=code)
+    if manifest["rows"] != src["rows"]:
+        raise RuntimeError(f"{stage} wrote {manifest['rows']} rows for {src['rows']} images")
+    return StageResult(stage, {stage: uri}, {stage: manifest["rows"]}, False, time.time() - t0)
+
+
+def spectral_row(key: str, png: bytes, levels: int, dtype: str) -> dict:
+    """One ``spectral`` row: Haar DWT of the image in [0, 1]."""
+    scales = dwt.haar_dwt(images.decode_png(png).astype(np.float64), levels)
+    row = {"key": key, "wavelet": schema.WAVELET, "levels": levels}
+    row.update({f"scale_{s}": c.astype(dtype) for s, c in enumerate(scales)})
+    return row
+
+
+def spectral(images_uri: str, data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> StageResult:
+    """Multi-level Haar DWT of every image (pywavelets), ``spectral`` dataset."""
+    check_levels(data, pre)
+    config = {"levels": pre.levels, "dtype": pre.dtype, "wavelet": schema.WAVELET}
+    code = storage.code_version(dwt, images, schema, storage, sys.modules[__name__])
+    levels, dtype = pre.levels, pre.dtype
+    return _run_image_stage(
+        "spectral", images_uri, pre, store, config, code,
+        schema.spectral_schema(data.resolution, levels, dtype),
+        lambda key, png: spectral_row(key, png, levels, dtype),
+    )
+
+
+def decomposition_row(key: str, png: bytes, order: int, params: mumford_shah.ATParams, dtype: str) -> dict:
+    """One ``decomposition`` row: B_n, D_1..D_n, edge maps and per-layer diagnostics."""
+    d = mumford_shah.decompose(images.decode_png(png).astype(np.float64), order, params)
+    row = {"key": key, "order": order, "alpha": params.alpha, "lambda_": params.lambda_,
+           "epsilon": params.epsilon, "base": d.base.astype(dtype)}
+    for k in range(1, order + 1):
+        row[f"detail_{k}"] = d.details[k - 1].astype(dtype)
+        row[f"edge_{k}"] = d.edges[k - 1].astype(dtype)
+        row[f"iterations_{k}"] = d.iterations[k - 1]
+        row[f"residual_{k}"] = d.residuals[k - 1]
+        row[f"edge_fraction_{k}"] = d.edge_fraction[k - 1]
+        row[f"tv_reduction_{k}"] = d.tv_reduction[k - 1]
+    return row
+
+
+def decomposition(images_uri: str, data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> StageResult:
+    """Hierarchical AT base/detail decomposition of every image, ``decomposition`` dataset."""
+    cfg = pre.decomposition
+    params = mumford_shah.ATParams(
+        alpha=cfg.alpha, lambda_=cfg.lambda_, epsilon=cfg.epsilon, max_outer=cfg.max_outer,
+        outer_tol=cfg.outer_tol, cg_tol=cfg.cg_tol, cg_maxiter=cfg.cg_maxiter,
+    )
+    config = cfg.model_dump() | {"dtype": pre.dtype}
+    code = storage.code_version(mumford_shah, images, schema, storage, sys.modules[__name__])
+    order, dtype = cfg.order, pre.dtype
+    return _run_image_stage(
+        "decomposition", images_uri, pre, store, config, code,
+        schema.decomposition_schema(data.resolution, order, dtype),
+        lambda key, png: decomposition_row(key, png, order, params, dtype),
+    )
+
+
+def preprocess_all(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> list[StageResult]:
+    """ingest → spectral → decomposition; finished stages with the same fingerprint are reused."""
+    check_levels(data, pre)
+    ing = ingest(data, pre, store)
+    images_uri = ing.uris["images"]
+    return [ing, spectral(images_uri, data, pre, store), decomposition(images_uri, data, pre, store)]

@@ -1,0 +1,94 @@
+"""Look at a dataset: its schema, manifest and counts, and one row rendered as a picture."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from coarse2fine.preprocess import dwt, images, schema, storage
+
+
+def describe(uri: str) -> dict:
+    """Schema, row count and manifest of a complete dataset (raises if incomplete)."""
+    manifest = storage.read_manifest(uri)
+    if manifest is None:
+        raise storage.IncompleteDatasetError(f"{uri} has no {storage.MANIFEST}: incomplete or not a dataset")
+    first = storage.read_shard(storage.shard_uris(uri)[0])
+    return {"uri": uri, "schema": first.schema, "rows": manifest["rows"], "manifest": manifest}
+
+
+def find_row(uri: str, key: str) -> dict:
+    """The row of ``key`` (a prefix is enough when unique) as a dict; tensors as numpy arrays."""
+    for shard in storage.shard_uris(uri):
+        table = storage.read_shard(shard)
+        hits = table.filter(pc.starts_with(table.column("key"), key))
+        if hits.num_rows > 1:
+            raise KeyError(f"key prefix {key!r} is ambiguous in {uri}")
+        if hits.num_rows == 1:
+            return {
+                f.name: (schema.tensor_numpy(hits.column(f.name))[0]
+                         if isinstance(f.type, pa.FixedShapeTensorType) else hits.column(f.name)[0].as_py())
+                for f in hits.schema
+            }
+    raise KeyError(f"key {key!r} not found in {uri}")
+
+
+def _source_image(uri: str, key: str):
+    """The stored image of ``key``: in this dataset, or in the ``images`` dataset it was made from."""
+    manifest = storage.read_manifest(uri)
+    images_uri = uri if manifest["stage"] == "ingest" else manifest["inputs"].get("images")
+    if images_uri is None:
+        return None
+    return images.decode_png(find_row(images_uri, key)["image"])
+
+
+def render_row(uri: str, key: str, out_png: str) -> str:
+    """Render one row: the image, its DWT scales, its base/detail layers and edge maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = find_row(uri, key)
+    panels: list[tuple[str, object, dict]] = []
+    image = _source_image(uri, row["key"])
+    if image is not None:
+        panels.append(("image", image.transpose(1, 2, 0), {}))
+    scales = sorted((k for k in row if k.startswith("scale_")), key=lambda k: int(k.split("_")[1]))
+    if scales:
+        arrays = [row[k].astype("float64") for k in scales]
+        panels.append(("scale_0 (approx.)", _unit(arrays[0]).transpose(1, 2, 0), {}))
+        for name, a in zip(scales[1:], arrays[1:]):
+            h, v, d = (abs(b).mean(axis=0) for b in a.reshape(3, 3, *a.shape[1:]))
+            panels.append((f"{name} |H|+|V|+|D|", h + v + d, {"cmap": "magma"}))
+        coarse = dwt.haar_idwt([arrays[0]] + [0 * a for a in arrays[1:]])
+        panels.append(("IDWT of scale_0 only", coarse.clip(0, 1).transpose(1, 2, 0), {}))
+    if "base" in row:
+        n = row["order"]
+        panels.append((f"base B_{n}", row["base"].astype("float64").clip(0, 1).transpose(1, 2, 0), {}))
+        for k in range(n, 0, -1):
+            panels.append((f"detail D_{k}", _unit(row[f"detail_{k}"].astype("float64")).transpose(1, 2, 0), {}))
+            panels.append((f"edges s_{k} ({row[f'edge_fraction_{k}']:.0%})", row[f"edge_{k}"], {"cmap": "gray", "vmin": 0, "vmax": 1}))
+    if not panels:
+        raise KeyError(f"nothing to render in {uri}: no image, scale or layer columns")
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, img, kw) in zip(axes.ravel(), panels):
+        ax.imshow(img, interpolation="nearest", **kw)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{row['key'][:16]}…  ({uri})", fontsize=8)
+    fig.tight_layout()
+    fs, path = storage.url_to_fs(out_png)
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _unit(a):
+    """Stretch an array to [0, 1] for display (details and coefficients are signed)."""
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else a * 0

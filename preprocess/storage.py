@@ -1,0 +1,165 @@
+"""Datasets on fsspec storage: fingerprints, shards, and the manifest written last.
+
+A dataset lives at ``{root}/{stage}/{fingerprint}/`` and is complete only once its
+``_manifest.json`` exists. Readers take only the shards the manifest lists, so a crashed writer
+never leaves anything readable; a folder without a manifest is cleared and rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from coarse2fine import __version__
+from coarse2fine.preprocess.schema import SCHEMA_VERSION
+
+MANIFEST = "_manifest.json"
+
+
+class IncompleteDatasetError(RuntimeError):
+    """Raised when reading a dataset that has no manifest (never finished, or still being written)."""
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of a URI or local path."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the protocol (``gs://b/x`` + ``y`` → ``gs://b/x/y``)."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def code_version(*modules: Any) -> str:
+    """Hash of the package version and the source files of the modules a stage runs."""
+    h = hashlib.sha256(__version__.encode())
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def fingerprint(stage: str, config: dict, inputs: Iterable[str], code: str) -> str:
+    """hash(stage config + input fingerprints + code version of the stage) (DESIGN.md, Config)."""
+    payload = json.dumps(
+        {"stage": stage, "config": config, "inputs": sorted(inputs), "code": code},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def dataset_uri(root: str, stage: str, fp: str) -> str:
+    return join(root, stage, fp)
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest of a dataset, or None when it is incomplete or absent."""
+    fs, path = url_to_fs(uri)
+    mpath = posixpath.join(path, MANIFEST)
+    if not fs.exists(mpath):
+        return None
+    with fs.open(mpath, "rb") as f:
+        return json.loads(f.read())
+
+
+def prepare_empty(uri: str) -> None:
+    """Clear an incomplete dataset folder (left by a crash) so it is rebuilt from scratch."""
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def shard_name(run_id: str, shard: int) -> str:
+    return f"part-{shard:05d}-{run_id}.parquet"
+
+
+def write_shard(uri: str, name: str, table: pa.Table) -> dict:
+    """Write one Parquet shard (temporary name, then rename) and return its manifest entry."""
+    fs, path = url_to_fs(uri)
+    final = posixpath.join(path, name)
+    tmp = posixpath.join(path, f"_tmp-{uuid.uuid4().hex[:8]}-{name}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, final)
+    return {"name": name, "rows": table.num_rows}
+
+
+def list_shards(uri: str, run_id: str) -> list[dict]:
+    """Shards a run wrote (by run id), with their row counts from the Parquet footers."""
+    fs, path = url_to_fs(uri)
+    out = []
+    for p in sorted(fs.glob(posixpath.join(path, f"part-*-{run_id}.parquet"))):
+        with fs.open(p, "rb") as f:
+            out.append({"name": posixpath.basename(p), "rows": pq.ParquetFile(f).metadata.num_rows})
+    return out
+
+
+def write_manifest(
+    uri: str,
+    *,
+    stage: str,
+    fp: str,
+    config: dict,
+    inputs: dict[str, str],
+    shards: list[dict],
+    code: str,
+    counts: dict[str, int] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Write ``_manifest.json`` last: the dataset becomes complete (the "done" marker)."""
+    manifest = {
+        "stage": stage,
+        "fingerprint": fp,
+        "config": config,
+        "inputs": inputs,
+        "rows": sum(s["rows"] for s in shards),
+        "counts": counts or {},
+        "shards": shards,
+        "schema_version": SCHEMA_VERSION,
+        "code_version": code,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        **(extra or {}),
+    }
+    fs, path = url_to_fs(uri)
+    tmp = posixpath.join(path, f"_tmp-{uuid.uuid4().hex[:8]}{MANIFEST}")
+    with fs.open(tmp, "wb") as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    fs.mv(tmp, posixpath.join(path, MANIFEST))
+    return manifest
+
+
+def shard_uris(uri: str) -> list[str]:
+    """URIs of the shards a complete dataset lists; raises if the dataset is incomplete."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise IncompleteDatasetError(f"{uri} has no {MANIFEST}: it is incomplete and must be rebuilt")
+    return [join(uri, s["name"]) for s in manifest["shards"]]
+
+
+def read_shard(shard_uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = url_to_fs(shard_uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a complete dataset (only the shards its manifest lists)."""
+    tables = [read_shard(u, columns) for u in shard_uris(uri)]
+    if not tables:
+        raise IncompleteDatasetError(f"{uri} lists no shards")
+    return pa.concat_tables(tables)

@@ -1,0 +1,1 @@
+"""Training: tokenizers, generators, kernels and Ray Train launch (see the open issues)."""
