@@ -21,10 +21,10 @@ demo: install
 	$(BIN)/c2f demo --config configs/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/pytest -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/bench_decomposition.py

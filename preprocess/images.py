@@ -65,7 +65,8 @@ def normalise_image(data: bytes, resolution: int, min_size: int) -> NormalisedIm
             img.load()  # decode now: truncated data raises here, not later
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError as e:
-        raise RejectedImage("UnidentifiedImageError", f"not a decodable image: {e}") from e
+        head = data[:8]
+        raise RejectedImage("UnidentifiedImageError", f"not a decodable image ({len(data)} bytes, starting {head!r})") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(type(e).__name__, str(e)) from e
     width, height = img.size

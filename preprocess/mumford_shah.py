@@ -185,7 +185,8 @@ class _ATProblem:
 
         diag = ag + self.b + self.c * _pair_sum(np.ones_like(ag))
         s_new, it, res = _pcg(apply_a, ag, s[None], diag, self.p.cg_tol, self.p.cg_maxiter)
-        return s_new[0], it, res
+        # The exact minimiser lies in [0, 1] (M-matrix, 0 <= rhs <= diag); clip CG round-off.
+        return np.clip(s_new[0], 0.0, 1.0), it, res
 
 
 def ambrosio_tortorelli(f_CHW: Array, params: ATParams = ATParams()) -> ATResult:

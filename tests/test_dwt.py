@@ -1,0 +1,40 @@
+"""Haar DWT layout equals pywt.wavedec2 and inverts with pywt.waverec2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pywt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coarse2fine.preprocess.dwt import haar_dwt, haar_idwt
+
+
+def test_layout_matches_wavedec2():
+    x = np.random.default_rng(0).random((3, 32, 32))
+    scales = haar_dwt(x, 3)
+    ref = pywt.wavedec2(x, "haar", level=3, axes=(-2, -1))
+    assert [s.shape for s in scales] == [(3, 4, 4), (9, 4, 4), (9, 8, 8), (9, 16, 16)]
+    np.testing.assert_array_equal(scales[0], ref[0])
+    for s, (h, v, d) in zip(scales[1:], ref[1:]):
+        np.testing.assert_array_equal(s[0:3], h)
+        np.testing.assert_array_equal(s[3:6], v)
+        np.testing.assert_array_equal(s[6:9], d)
+    np.testing.assert_allclose(pywt.waverec2(ref, "haar", axes=(-2, -1)), x, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(levels=st.integers(1, 4), mult=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_idwt_inverts_dwt(levels, mult, seed):
+    side = mult * 2**levels
+    x = np.random.default_rng(seed).normal(size=(3, side, side))
+    np.testing.assert_allclose(haar_idwt(haar_dwt(x, levels)), x, atol=1e-10)
+
+
+def test_partial_decode_is_coarse_image():
+    """Zeroing the detail scales decodes the approximation: a 2^L-block average image."""
+    x = np.random.default_rng(1).random((3, 16, 16))
+    scales = haar_dwt(x, 2)
+    coarse = haar_idwt([scales[0]] + [np.zeros_like(s) for s in scales[1:]])
+    block = x.reshape(3, 4, 4, 4, 4).mean(axis=(2, 4))  # (C, 4, 4) block means
+    np.testing.assert_allclose(coarse, np.repeat(np.repeat(block, 4, 1), 4, 2), atol=1e-12)

@@ -1,0 +1,180 @@
+"""Real Beam runs (local FnApiRunner) of ingest → spectral → decomposition on tiny data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bad_inputs import write_cases
+from conftest import TINY_RES, tiny_configs
+from coarse2fine.preprocess import storage
+from coarse2fine.preprocess.beam_jobs import preprocess_all
+from coarse2fine.preprocess.dwt import haar_dwt
+from coarse2fine.preprocess.images import decode_png
+from coarse2fine.preprocess.schema import tensor_numpy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source(demo_folder, tmp_path_factory) -> tuple[Path, dict]:
+    """The demo crops, one exact duplicate, and every odd/broken input."""
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(demo_folder, src, dirs_exist_ok=True)
+    first = sorted(src.rglob("*.png"))[0]
+    shutil.copy(first, first.parent / "copy_of_first.png")
+    bad = write_cases(src / "odd")
+    return src, bad
+
+
+@pytest.fixture(scope="module")
+def run(source, tmp_path_factory):
+    src, bad = source
+    root = tmp_path_factory.mktemp("store")
+    cfgs = tiny_configs(str(src), str(root))
+    return cfgs, preprocess_all(*cfgs), bad
+
+
+def manifest(uri: str) -> dict:
+    return storage.read_manifest(uri)
+
+
+def test_counts_reconcile_and_rejections_have_reasons(run, source):
+    _, (ing, _, _), bad = run
+    counts = manifest(ing.uris["images"])["counts"]
+    n_files = sum(1 for p in source[0].rglob("*") if p.is_file())
+    n_bad = sum(1 for _, err in bad.values() if err)
+    assert counts == {"inputs": n_files, "images": n_files - 1 - n_bad, "duplicates": 1, "rejected": n_bad}
+    assert manifest(ing.uris["rejected"])["counts"] == counts
+    rejected = storage.read_table(ing.uris["rejected"]).to_pylist()
+    by_name = {Path(r["source_uri"]).name: r for r in rejected}
+    for name, (_, err) in bad.items():
+        if err:
+            assert by_name[name]["error"] == err and by_name[name]["detail"] and by_name[name]["stage"] == "ingest"
+        else:
+            assert name not in by_name
+
+
+def test_images_dataset_contract(run):
+    _, (ing, _, _), _ = run
+    t = storage.read_table(ing.uris["images"])
+    assert t.schema.names == ["key", "source_uri", "split", "width", "height", "label", "image"]
+    assert len(set(t.column("key").to_pylist())) == t.num_rows
+    assert set(t.column("split").to_pylist()) <= {"train", "validation"}
+    classes = manifest(ing.uris["images"])["classes"]
+    assert "astronaut" in classes and "odd" in classes
+    for row in t.to_pylist():
+        assert decode_png(row["image"]).shape == (3, TINY_RES, TINY_RES)
+        folder = Path(row["source_uri"]).parent.name
+        assert classes[row["label"]] == folder
+
+
+def test_spectral_and_decomposition_rows_match_the_math(run):
+    (data, pre, _), (ing, spec, dec), _ = run
+    images = {r["key"]: decode_png(r["image"]) for r in storage.read_table(ing.uris["images"]).to_pylist()}
+    st = storage.read_table(spec.uris["spectral"])
+    assert st.num_rows == len(images)
+    key = st.column("key")[0].as_py()
+    expected = haar_dwt(images[key].astype(np.float64), pre.levels)
+    for s, e in enumerate(expected):
+        np.testing.assert_allclose(tensor_numpy(st.column(f"scale_{s}"))[0], e, atol=1e-6)
+    dt = storage.read_table(dec.uris["decomposition"])
+    assert dt.num_rows == len(images)
+    order = pre.decomposition.order
+    for i, k in enumerate(dt.column("key").to_pylist()):
+        total = tensor_numpy(dt.column("base"))[i] + sum(tensor_numpy(dt.column(f"detail_{j}"))[i] for j in range(1, order + 1))
+        np.testing.assert_allclose(total, images[k], atol=1e-5)
+        edges = tensor_numpy(dt.column("edge_1"))[i]
+        assert edges.min() >= 0 and edges.max() <= 1
+    assert set(dt.column("order").to_pylist()) == {order}
+    assert all(0 <= f <= 1 for f in dt.column("edge_fraction_1").to_pylist())
+
+
+def test_readable_by_pyarrow_duckdb_polars(run):
+    _, results, _ = run
+    for r in results:
+        for uri in r.uris.values():
+            files = storage.shard_uris(uri)
+            n = manifest(uri)["rows"]
+            assert sum(pq.read_metadata(f).num_rows for f in files) == n
+            listed = "[" + ",".join(f"'{f}'" for f in files) + "]"
+            assert duckdb.sql(f"select count(*) from read_parquet({listed})").fetchall()[0][0] == n
+            assert pl.read_parquet(files).height == n
+    # tensor cells come back as the same row-major values in every reader
+    spec = results[1].uris["spectral"]
+    first = storage.shard_uris(spec)[0]
+    ref = tensor_numpy(pq.read_table(first).column("scale_1"))[0]
+    via_polars = np.asarray(pl.read_parquet(first)["scale_1"].to_list()[0], np.float32)
+    via_duckdb = np.asarray(duckdb.sql(f"select scale_1 from read_parquet('{first}') limit 1").fetchall()[0][0], np.float32)
+    np.testing.assert_array_equal(via_polars.reshape(ref.shape), ref)
+    np.testing.assert_array_equal(via_duckdb.reshape(ref.shape), ref)
+
+
+def test_rerun_reuses_every_stage(run):
+    cfgs, results, _ = run
+    stamps = {u: manifest(u)["created"] for r in results for u in r.uris.values()}
+    again = preprocess_all(*cfgs)
+    assert all(r.reused for r in again)
+    assert [r.uris for r in again] == [r.uris for r in results]
+    assert {u: manifest(u)["created"] for r in again for u in r.uris.values()} == stamps
+
+
+def test_changed_decomposition_config_gets_new_fingerprint(run):
+    (data, pre, store), results, _ = run
+    old = results[2].uris["decomposition"]
+    old_manifest = json.dumps(manifest(old))
+    changed = pre.model_copy(update={"decomposition": pre.decomposition.model_copy(update={"alpha": 5.0})})
+    ing, spec, dec = preprocess_all(data, changed, store)
+    assert ing.reused and spec.reused and not dec.reused
+    assert dec.uris["decomposition"] != old
+    assert json.dumps(manifest(old)) == old_manifest
+
+
+def test_interrupted_stage_is_not_readable_and_is_rebuilt(run):
+    cfgs, results, _ = run
+    uri = results[1].uris["spectral"]
+    rows = manifest(uri)["rows"]
+    fs, path = storage.url_to_fs(uri)
+    # simulate a crash after some shards were written but before the manifest
+    fs.rm(f"{path}/{storage.MANIFEST}")
+    pq.write_table(pa.table({"key": ["half-written"]}), f"{path}/part-00000-crashed.parquet")
+    with pytest.raises(storage.IncompleteDatasetError):
+        storage.read_table(uri)
+    _, spec, _ = preprocess_all(*cfgs)
+    assert not spec.reused and spec.uris["spectral"] == uri
+    t = storage.read_table(uri)
+    assert t.num_rows == rows and "half-written" not in t.column("key").to_pylist()
+    assert not fs.glob(f"{path}/*crashed*")
+
+
+def test_parquet_source_with_label_column(run, tmp_path):
+    _, (ing, _, _), _ = run
+    imgs = storage.read_table(ing.uris["images"]).slice(0, 6)
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"image": imgs.column("image"), "cls": pa.array([3, 1, 4, 1, 5, 9], pa.int64())}), src / "a.parquet")
+    data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
+    data = data.model_copy(update={"label_from": "cls"})
+    ing2, _, _ = preprocess_all(data, pre, store)
+    t = storage.read_table(ing2.uris["images"])
+    assert t.num_rows == 6 and sorted(t.column("label").to_pylist()) == [1, 1, 3, 4, 5, 9]
+    assert all("a.parquet#row=" in u for u in t.column("source_uri").to_pylist())
+
+
+def test_two_beam_workers_give_the_same_datasets(run, tmp_path):
+    (data, pre, _), results, _ = run
+    _, pre2, store2 = tiny_configs(data.source, str(tmp_path / "store2"), num_workers=2)
+    again = preprocess_all(data, pre2, store2)
+    for a, b in zip(results, again):
+        for name in a.uris:
+            ta = storage.read_table(a.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
+            tb = storage.read_table(b.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
+            assert ta.equals(tb), name
