@@ -88,14 +88,22 @@ def shard_name(run_id: str, shard: int) -> str:
     return f"part-{shard:05d}-{run_id}.parquet"
 
 
+def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, write) -> None:
+    """Write a file; on local disk through a temporary name and a rename, so a crash never
+    leaves a partial file under the final name. Object stores (gs://) have no atomic rename and
+    write objects whole; there the manifest written last is the only commit marker."""
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    target = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex[:8]}-{posixpath.basename(path)}") if local else path
+    with fs.open(target, "wb") as f:
+        write(f)
+    if local:
+        fs.mv(target, path)
+
+
 def write_shard(uri: str, name: str, table: pa.Table) -> dict:
-    """Write one Parquet shard (temporary name, then rename) and return its manifest entry."""
+    """Write one Parquet shard and return its manifest entry."""
     fs, path = url_to_fs(uri)
-    final = posixpath.join(path, name)
-    tmp = posixpath.join(path, f"_tmp-{uuid.uuid4().hex[:8]}-{name}")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)
+    _write_bytes(fs, posixpath.join(path, name), lambda f: pq.write_table(table, f))
     return {"name": name, "rows": table.num_rows}
 
 
@@ -136,10 +144,8 @@ def write_manifest(
         **(extra or {}),
     }
     fs, path = url_to_fs(uri)
-    tmp = posixpath.join(path, f"_tmp-{uuid.uuid4().hex[:8]}{MANIFEST}")
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    fs.mv(tmp, posixpath.join(path, MANIFEST))
+    payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    _write_bytes(fs, posixpath.join(path, MANIFEST), lambda f: f.write(payload))
     return manifest
 
 
