@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from coarse2fine.preprocess.storage import IncompleteDatasetError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    for noisy in ("apache_beam", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as e:
