@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from coarse2fine.pipelines.config import Config, ConfigError, load_config
+from coarse2fine.pipelines.config import Config, ConfigError, load_config, load_section
 
 app = typer.Typer(
     help="coarse2fine: preprocess images into Parquet datasets (Haar DWT, Mumford–Shah base/detail) "
-    "for coarse-to-fine tokenizers and generators.",
+    "for coarse-to-fine tokenizers and generators; FID/KID and MLflow run comparison.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -132,6 +132,45 @@ def inspect(
     if key and png:
         inspection.render_row(uri, key, png)
         out.print(f"wrote {png}")
+
+
+@app.command()
+def fid(
+    path_a: str = typer.Argument(..., help="Reference set: image folder (any fsspec URI) or an images dataset."),
+    path_b: str = typer.Argument(..., help="Set to score: image folder or an images dataset."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="Use only this split of a dataset (train/validation)."),
+) -> None:
+    """FID and KID between two image sets (TF-2015 Inception weights, offline), with the protocol."""
+    from coarse2fine.evaluate.fid import Evaluator
+
+    ev = Evaluator(load_section(config, set_, "evaluate"))
+    res = ev.compare_features(ev.reference_features(path_a, split), ev.features(path_b, split, "images"))
+    out.print(f"FID {res.fid:.4f}   KID {res.kid_mean:.6f} ± {res.kid_std:.6f}   (n={res.n_real} vs {res.n_fake})")
+    out.print("protocol: " + ", ".join(f"{k}={v}" for k, v in res.protocol.items()))
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric to compare (repeatable); default fid, psnr."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    png: Path = typer.Option(Path("comparison.png"), "--png", help="Where to write the comparison plot."),
+) -> None:
+    """Table and plot of an experiment's runs (also logged to MLflow as a comparison run)."""
+    from coarse2fine.evaluate.compare import compare as run_compare
+
+    metrics = metric or ["fid", "psnr"]
+    table, png_path, run_id = run_compare(load_section(config, set_, "tracking"), experiment, metrics, png)
+    t = Table(title=f"experiment {experiment}")
+    for col in table.columns:
+        t.add_column(col)
+    for row in table.itertuples(index=False):
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    out.print(t)
+    out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from coarse2fine.evaluate.config import EvaluateConfig, TrackingConfig
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -25,11 +26,13 @@ class ConfigError(ValueError):
 
 
 class Config(Section):
-    """Sections present so far; the training/evaluation/tracking sections arrive with their stages."""
+    """Sections present so far; the tokenizer/generator/train sections arrive with their stages."""
 
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -60,8 +63,7 @@ def _one_line(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or start empty), apply overrides, validate; raise :class:`ConfigError`."""
+def _load_tree(path: str | Path | None, overrides: list[str]) -> dict:
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -73,9 +75,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{p} must hold a mapping of sections")
-    for item in overrides or []:
+    for item in overrides:
         _apply_override(tree, item)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start empty), apply overrides, validate; raise :class:`ConfigError`."""
+    tree = _load_tree(path, overrides or [])
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from e
+
+
+def load_section(path: str | Path | None, overrides: list[str] | None, name: str) -> Section:
+    """Only one section (e.g. ``evaluate`` for ``c2f fid``): other sections may be absent."""
+    model = Config.model_fields[name].annotation
+    tree = _load_tree(path, overrides or [])
+    try:
+        return model.model_validate(tree.get(name) or {})
+    except ValidationError as e:
+        raise ConfigError(f"{name}.{_one_line(e)}") from e

@@ -1,4 +1,4 @@
-"""Arrow schemas of the datasets (DESIGN.md, data contracts) and tensor column helpers.
+"""The data contract: Arrow schemas, tensor column helpers, and reading complete datasets.
 
 Tensors are stored as Arrow fixed-shape tensor extension columns (row-major, one tensor per row),
 which pyarrow, duckdb and polars all read (as fixed-size lists/arrays where they lack the type).
@@ -6,10 +6,16 @@ which pyarrow, duckdb and polars all read (as fixed-size lists/arrays where they
 
 from __future__ import annotations
 
+import json
+import posixpath
+
+import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+MANIFEST = "_manifest.json"
 WAVELET = "haar"
 
 IMAGES = pa.schema(
@@ -107,3 +113,53 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
         else:
             cols.append(pa.array(values, type=f.type))
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+# ---------------------------------------------------------------- reading (manifest = done marker)
+
+
+class IncompleteDatasetError(RuntimeError):
+    """Raised when reading a dataset that has no manifest (never finished, or still being written)."""
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of a URI or local path."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the protocol (``gs://b/x`` + ``y`` → ``gs://b/x/y``)."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest of a dataset, or None when it is incomplete or absent."""
+    fs, path = url_to_fs(uri)
+    mpath = posixpath.join(path, MANIFEST)
+    if not fs.exists(mpath):
+        return None
+    with fs.open(mpath, "rb") as f:
+        return json.loads(f.read())
+
+
+def shard_uris(uri: str) -> list[str]:
+    """URIs of the shards a complete dataset lists; raises if the dataset is incomplete."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise IncompleteDatasetError(f"{uri} has no {MANIFEST}: it is incomplete and must be rebuilt")
+    return [join(uri, s["name"]) for s in manifest["shards"]]
+
+
+def read_shard(shard_uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = url_to_fs(shard_uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a complete dataset (only the shards its manifest lists)."""
+    tables = [read_shard(u, columns) for u in shard_uris(uri)]
+    if not tables:
+        raise IncompleteDatasetError(f"{uri} lists no shards")
+    return pa.concat_tables(tables)

@@ -1,4 +1,4 @@
-"""Datasets on fsspec storage: fingerprints, shards, and the manifest written last.
+"""Writing datasets on fsspec storage: fingerprints, shards, and the manifest written last.
 
 A dataset lives at ``{root}/{stage}/{fingerprint}/`` and is complete only once its
 ``_manifest.json`` exists. Readers take only the shards the manifest lists, so a crashed writer
@@ -20,24 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coarse2fine import __version__
-from coarse2fine.preprocess.schema import SCHEMA_VERSION
-
-MANIFEST = "_manifest.json"
-
-
-class IncompleteDatasetError(RuntimeError):
-    """Raised when reading a dataset that has no manifest (never finished, or still being written)."""
-
-
-def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and in-filesystem path of a URI or local path."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join URI parts with '/', keeping the protocol (``gs://b/x`` + ``y`` → ``gs://b/x/y``)."""
-    return posixpath.join(uri.rstrip("/"), *parts)
+from coarse2fine.preprocess.schema import (  # noqa: F401  (reader side of the contract, re-exported)
+    MANIFEST,
+    SCHEMA_VERSION,
+    IncompleteDatasetError,
+    join,
+    read_manifest,
+    read_shard,
+    read_table,
+    shard_uris,
+    url_to_fs,
+)
 
 
 def code_version(*modules: Any) -> str:
@@ -60,16 +53,6 @@ def fingerprint(stage: str, config: dict, inputs: Iterable[str], code: str) -> s
 
 def dataset_uri(root: str, stage: str, fp: str) -> str:
     return join(root, stage, fp)
-
-
-def read_manifest(uri: str) -> dict | None:
-    """The manifest of a dataset, or None when it is incomplete or absent."""
-    fs, path = url_to_fs(uri)
-    mpath = posixpath.join(path, MANIFEST)
-    if not fs.exists(mpath):
-        return None
-    with fs.open(mpath, "rb") as f:
-        return json.loads(f.read())
 
 
 def prepare_empty(uri: str) -> None:
@@ -147,25 +130,3 @@ def write_manifest(
     payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     _write_bytes(fs, posixpath.join(path, MANIFEST), lambda f: f.write(payload))
     return manifest
-
-
-def shard_uris(uri: str) -> list[str]:
-    """URIs of the shards a complete dataset lists; raises if the dataset is incomplete."""
-    manifest = read_manifest(uri)
-    if manifest is None:
-        raise IncompleteDatasetError(f"{uri} has no {MANIFEST}: it is incomplete and must be rebuilt")
-    return [join(uri, s["name"]) for s in manifest["shards"]]
-
-
-def read_shard(shard_uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = url_to_fs(shard_uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a complete dataset (only the shards its manifest lists)."""
-    tables = [read_shard(u, columns) for u in shard_uris(uri)]
-    if not tables:
-        raise IncompleteDatasetError(f"{uri} lists no shards")
-    return pa.concat_tables(tables)

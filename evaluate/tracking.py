@@ -1,0 +1,89 @@
+"""MLflow tracking: runs, flattened params, metrics, image grids, tables and figures.
+
+The default store is ``sqlite:///…`` (MLflow 3 refuses a plain ``./mlruns`` file store); point
+``tracking.uri`` at an ``http(s)://`` server to share runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import numpy as np
+
+from coarse2fine.evaluate.config import TrackingConfig
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}`` (lists and None as their repr)."""
+    flat: dict[str, str] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat |= flatten(v, f"{key}.")
+        else:
+            flat[key] = str(v)[:MAX_PARAM_LEN]
+    return flat
+
+
+def set_store(tracking: TrackingConfig) -> None:
+    """Point MLflow at the configured store (creating the folder of a sqlite file)."""
+    if tracking.uri.startswith("sqlite:///"):
+        Path(tracking.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking.uri)
+
+
+def configure(tracking: TrackingConfig) -> str:
+    """Point MLflow at the configured store and experiment (created if new); returns its id."""
+    set_store(tracking)
+    return mlflow.set_experiment(tracking.experiment).experiment_id
+
+
+@contextlib.contextmanager
+def run(tracking: TrackingConfig, run_name: str | None = None, run_id: str | None = None,
+        tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or re-open with ``run_id``) an MLflow run in the configured experiment."""
+    configure(tracking)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags) as active:
+        yield active
+
+
+def log_config(config: dict) -> None:
+    """Log the whole resolved config as flattened params."""
+    mlflow.log_params(flatten(config))
+
+
+def image_grid(images_NCHW: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images in [0, 1] (N, 3, H, W) into one uint8 (H', W', 3) grid."""
+    n, c, h, w = images_NCHW.shape
+    assert c == 3, f"expected RGB images, got {c} channels"
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = np.ones((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), np.float64)
+    for i, img in enumerate(np.clip(images_NCHW, 0, 1)):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img.transpose(1, 2, 0)
+    return (grid * 255).round().astype(np.uint8)
+
+
+def log_image_grid(images_NCHW: np.ndarray, artifact_file: str, step: int | None = None) -> None:
+    """Log a sample/reconstruction grid as an image artifact (``step`` keeps one per step)."""
+    grid = image_grid(np.asarray(images_NCHW))
+    if step is None:
+        mlflow.log_image(grid, artifact_file=artifact_file)
+    else:
+        mlflow.log_image(grid, key=artifact_file, step=step)
+
+
+def log_table(rows: list[dict], artifact_file: str) -> None:
+    """Log rows as an MLflow table artifact (JSON, viewable in the UI) and as CSV next to it."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    mlflow.log_table(df, artifact_file=artifact_file)
+    mlflow.log_text(df.to_csv(index=False), str(Path(artifact_file).with_suffix(".csv")))

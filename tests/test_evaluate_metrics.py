@@ -1,0 +1,108 @@
+"""Metric math against independent references (scipy sqrtm, torchmetrics, scikit-image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torchmetrics.image.kid import poly_mmd
+
+from coarse2fine.evaluate.metrics import (
+    FeatureStats,
+    codebook_usage,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    reconstruction_metrics,
+    unique_token_ratio,
+)
+
+
+def features(seed: int, n: int = 300, d: int = 64, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mix + shift
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The classic float64 reference (pytorch-fid's formula with scipy.linalg.sqrtm)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, 2.0])
+def test_frechet_distance_matches_scipy_sqrtm_reference(shift):
+    a, b = features(0), features(1, shift=shift)
+    ours = frechet_distance(FeatureStats.from_features(a), FeatureStats.from_features(b))
+    assert ours == pytest.approx(scipy_fid(a, b), rel=1e-4)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    a = features(3)
+    s = FeatureStats.from_features(a)
+    assert abs(frechet_distance(s, s)) < 1e-8
+
+
+def test_kid_matches_torchmetrics_poly_mmd():
+    a, b = features(0, n=120), features(1, n=120, shift=0.2)
+    mean, std = kernel_inception_distance(a, b, subsets=1, subset_size=120)
+    ref = float(poly_mmd(torch.as_tensor(a), torch.as_tensor(b), degree=3, gamma=None, coef=1.0))
+    assert mean == pytest.approx(ref, rel=1e-4) and std == 0.0
+
+
+def test_kid_subsets_are_seeded():
+    a, b = features(0, n=200), features(1, n=200)
+    assert kernel_inception_distance(a, b, 10, 50, seed=1) == kernel_inception_distance(a, b, 10, 50, seed=1)
+
+
+def test_feature_stats_round_trip():
+    s = FeatureStats.from_features(features(5, n=20, d=8))
+    t = FeatureStats.from_bytes(s.to_bytes())
+    np.testing.assert_array_equal(s.sigma, t.sigma)
+    assert t.n == 20
+
+
+def test_inception_score_formula():
+    logits = np.random.default_rng(0).normal(size=(100, 10)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ref = [np.exp(np.mean(np.sum(c * (np.log(c) - np.log(c.mean(0, keepdims=True))), 1))) for c in np.split(p, 5)]
+    mean, std = inception_score(logits, splits=5)
+    assert mean == pytest.approx(np.mean(ref), rel=1e-6) and std == pytest.approx(np.std(ref), rel=1e-6)
+    # uniform predictions: IS = 1
+    assert inception_score(np.zeros((50, 10)), 5)[0] == pytest.approx(1.0)
+
+
+def test_psnr_ssim_l1_agree_with_scikit_image():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 3, 32, 32))
+    y = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+    m = reconstruction_metrics(torch.as_tensor(x), torch.as_tensor(y))
+    for i in range(3):
+        assert float(m["psnr"][i]) == pytest.approx(peak_signal_noise_ratio(x[i], y[i], data_range=1.0), rel=1e-6)
+        ref_ssim = structural_similarity(x[i], y[i], channel_axis=0, data_range=1.0, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False)
+        assert float(m["ssim"][i]) == pytest.approx(ref_ssim, abs=1e-3)
+        assert float(m["l1"][i]) == pytest.approx(np.abs(x[i] - y[i]).mean())
+
+
+def test_codebook_usage_and_unique_ratio():
+    idx = np.array([[0, 0, 1, 1], [2, 3, 3, 3]])
+    assert codebook_usage(idx, 8) == 0.5
+    assert unique_token_ratio(idx) == pytest.approx((2 / 4 + 2 / 4) / 2)
+    with pytest.raises(AssertionError):
+        codebook_usage(np.array([9]), 8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(3, 40), d=st.integers(2, 12), seed=st.integers(0, 1000))
+def test_property_fid_non_negative_and_symmetric(n, d, seed):
+    a, b = features(seed, n, d), features(seed + 1, n, d, shift=0.1)
+    sa, sb = FeatureStats.from_features(a), FeatureStats.from_features(b)
+    ab, ba = frechet_distance(sa, sb), frechet_distance(sb, sa)
+    assert ab > -1e-6 and ab == pytest.approx(ba, rel=1e-5, abs=1e-6)

@@ -1,0 +1,71 @@
+"""MLflow round trip on a real sqlite store: what an evaluation logs, `c2f compare` reads back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from coarse2fine.evaluate import tracking
+from coarse2fine.evaluate.compare import runs_table
+from coarse2fine.evaluate.config import TrackingConfig
+from coarse2fine.pipelines.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_flatten():
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": "1", "a.c.d": "None", "e": "[1, 2]"}
+
+
+def test_image_grid_tiles_images():
+    imgs = np.zeros((5, 3, 4, 4))
+    imgs[2] = 1.0
+    grid = tracking.image_grid(imgs, nrow=3, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype == np.uint8
+    assert (grid[1:5, 11:15] == 255).all() and (grid[1:5, 1:5] == 0).all()
+
+
+def test_logged_evaluation_is_read_back_by_compare(tmp_path, capsys):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp-a")
+    ids = {}
+    for name, fid, psnr in (("sit-small", 12.5, 24.0), ("vit-vq", 20.25, 21.5)):
+        with tracking.run(cfg, run_name=name, tags={"c2f.method": name.split("-")[0]}) as r:
+            tracking.log_config({"tokenizer": {"method": name}, "train": {"max_steps": 3}})
+            for step, v in enumerate((fid * 2, fid)):
+                mlflow.log_metric("fid", v, step=step)
+            mlflow.log_metric("psnr", psnr)
+            tracking.log_image_grid(np.random.default_rng(0).random((4, 3, 8, 8)), "samples/grid.png")
+            tracking.log_table([{"resolution": 32, "psnr": psnr}], "tables/per_resolution.json")
+            ids[name] = r.info.run_id
+
+    run = mlflow.get_run(ids["sit-small"])
+    assert run.data.params["tokenizer.method"] == "sit-small" and run.data.params["train.max_steps"] == "3"
+    history = mlflow.MlflowClient().get_metric_history(ids["sit-small"], "fid")
+    assert [(m.step, m.value) for m in history] == [(0, 25.0), (1, 12.5)]
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(ids["sit-small"], "tables")}
+    assert {"tables/per_resolution.json", "tables/per_resolution.csv"} <= arts
+
+    table = runs_table(cfg, "exp-a", ["fid", "psnr"])
+    assert dict(zip(table["run_name"], table["fid"])) == {"sit-small": 12.5, "vit-vq": 20.25}
+
+    png = tmp_path / "cmp.png"
+    rc = main(["compare", "--experiment", "exp-a", "--metric", "fid", "--metric", "psnr",
+               "--set", f"tracking.uri={cfg.uri}", "--png", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "sit-small" in out and "12.5000" in out and "20.2500" in out and "21.5000" in out
+    assert Image.open(png).size[0] > 400
+    cmp_id = out.split("logged as MLflow run ")[1].split()[0]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(cmp_id, "comparison")}
+    assert {"comparison/runs.json", "comparison/cmp.png"} <= logged
+    # the comparison run itself is not listed as a run to compare
+    assert len(runs_table(cfg, "exp-a", ["fid"])) == 2
+
+
+def test_compare_unknown_experiment_is_a_user_error(tmp_path, capsys):
+    rc = main(["compare", "--experiment", "nope", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    assert rc == 2 and "no MLflow experiment" in capsys.readouterr().err
