@@ -67,5 +67,6 @@ def test_logged_evaluation_is_read_back_by_compare(tmp_path, capsys):
 
 
 def test_compare_unknown_experiment_is_a_user_error(tmp_path, capsys):
-    rc = main(["compare", "--experiment", "nope", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    rc = main(["compare", "--experiment", "nope", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               "--png", str(tmp_path / "c.png")])
     assert rc == 2 and "no MLflow experiment" in capsys.readouterr().err
