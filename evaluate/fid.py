@@ -115,7 +115,8 @@ class Evaluator:
 
     def compare_features(self, f_real: np.ndarray, f_fake: np.ndarray) -> FIDResult:
         fid = frechet_distance(FeatureStats.from_features(f_real), FeatureStats.from_features(f_fake))
-        kid_m, kid_s = kernel_inception_distance(f_real, f_fake, self.cfg.kid_subsets, self.cfg.kid_subset_size, self.cfg.seed)
+        kid_m, kid_s = kernel_inception_distance(f_real, f_fake, self.cfg.kid_subsets, self.cfg.kid_subset_size,
+                                                 self.cfg.seed, self.device)
         return FIDResult(fid, kid_m, kid_s, len(f_real), len(f_fake), protocol=self.protocol())
 
     def inception_score(self, batches: Iterable[torch.Tensor], result: FIDResult) -> FIDResult:

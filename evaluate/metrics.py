@@ -56,32 +56,36 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
 
 
-def mmd2_poly(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD² with the cubic polynomial kernel (one KID subset)."""
+def mmd2_poly(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD² with the cubic polynomial kernel (one KID subset), x: (m, d), y: (n, d)."""
     d = x.shape[1]
     k_xx = (x @ x.T / d + 1) ** 3
     k_yy = (y @ y.T / d + 1) ** 3
     k_xy = (x @ y.T / d + 1) ** 3
     m, n = x.shape[0], y.shape[0]
-    return float(
-        (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
-        + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+    return (
+        (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+        + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
         - 2 * k_xy.mean()
     )
 
 
 def kernel_inception_distance(
-    f_real: np.ndarray, f_fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    f_real: np.ndarray, f_fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
-    """KID mean and std over ``subsets`` random subsets of ``min(subset_size, n)`` per side."""
-    x, y = np.asarray(f_real, np.float64), np.asarray(f_fake, np.float64)
+    """KID mean and std over ``subsets`` random subsets of ``min(subset_size, n)`` per side
+    (float64 on ``device``; subsets drawn by a seeded numpy generator, so results do not depend on it)."""
+    x = torch.as_tensor(np.asarray(f_real), dtype=torch.float64, device=device)
+    y = torch.as_tensor(np.asarray(f_fake), dtype=torch.float64, device=device)
     size = min(subset_size, x.shape[0], y.shape[0])
     assert size >= 2, "KID needs at least 2 samples per side"
     rng = np.random.default_rng(seed)
-    vals = [
-        mmd2_poly(x[rng.choice(x.shape[0], size, replace=False)], y[rng.choice(y.shape[0], size, replace=False)])
+    vals = torch.stack([
+        mmd2_poly(x[torch.as_tensor(rng.choice(x.shape[0], size, replace=False), device=device)],
+                  y[torch.as_tensor(rng.choice(y.shape[0], size, replace=False), device=device)])
         for _ in range(subsets)
-    ]
+    ]).cpu().numpy()
     return float(np.mean(vals)), float(np.std(vals))
 
 
