@@ -1,0 +1,1 @@
+"""Models: Haar DWT module, quantizers, transformer blocks, tokenizers (SIT / ViT-VQ)."""

@@ -1,0 +1,108 @@
+"""Transformer blocks whose parameters can be shared across scales or specialised per scale.
+
+SIT (seed §4.1, "different transformer parameters per scale"): the query/key/value embeddings,
+the layer norms and the MLP of each layer have one set of weights per scale; the attention output
+projection is shared (the seed does not list it). With ``groups=1`` every op is an ordinary
+shared-weight transformer (ViT-VQGAN). Activations are ``x_BLC`` with ``L = S·N`` tokens, scale
+major; grouped ops view them as ``(B, S, N, C)``.
+
+Attention is ``scaled_dot_product_attention`` with an optional boolean mask (True = may attend);
+the scale-causal mask is block lower-triangular over scales (seed §4.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def scale_causal_mask(num_scales: int, tokens_per_scale: int, device: torch.device | None = None) -> torch.Tensor:
+    """(L, L) bool, True where token i (scale s_i) may attend token j (scale s_j <= s_i)."""
+    scale = torch.arange(num_scales, device=device).repeat_interleave(tokens_per_scale)  # (L,)
+    return scale[:, None] >= scale[None, :]
+
+
+def _grouped(x_BLC: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, L, C) → (B, G', L/G', C) where G' = number of scales present (or 1 when shared)."""
+    if groups == 1:
+        return x_BLC.unsqueeze(1)  # (B, 1, L, C)
+    assert x_BLC.shape[1] % groups == 0, "sequence length not divisible by the number of scales"
+    return x_BLC.view(x_BLC.shape[0], groups, x_BLC.shape[1] // groups, x_BLC.shape[2])
+
+
+class GroupLinear(nn.Module):
+    """A linear layer with one weight per group (scale); input (B, G', T, in), G' <= G."""
+
+    def __init__(self, groups: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(groups, d_out))
+        bound = 1 / math.sqrt(d_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x_BGTI: torch.Tensor) -> torch.Tensor:
+        g = x_BGTI.shape[1]
+        assert g <= self.weight.shape[0], f"{g} groups for a layer with {self.weight.shape[0]}"
+        return torch.einsum("bgti,gio->bgto", x_BGTI, self.weight[:g]) + self.bias[:g, None, :]
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm with one affine (weight, bias) per group."""
+
+    def __init__(self, groups: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(groups, dim))
+        self.bias = nn.Parameter(torch.zeros(groups, dim))
+        self.eps = eps
+
+    def forward(self, x_BGTC: torch.Tensor) -> torch.Tensor:
+        g = x_BGTC.shape[1]
+        y = F.layer_norm(x_BGTC, x_BGTC.shape[-1:], eps=self.eps)
+        return y * self.weight[:g, None, :] + self.bias[:g, None, :]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer (ViT / ViT-VQGAN): LN → attention → residual, LN → MLP → residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, groups: int) -> None:
+        super().__init__()
+        assert dim % heads == 0, "dim must be divisible by heads"
+        self.heads, self.groups = heads, groups
+        hidden = int(dim * mlp_ratio)
+        self.ln1, self.ln2 = GroupLayerNorm(groups, dim), GroupLayerNorm(groups, dim)
+        self.qkv = GroupLinear(groups, dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = GroupLinear(groups, dim, hidden), GroupLinear(groups, hidden, dim)
+
+    def forward(self, x_BLC: torch.Tensor, num_scales: int, mask_LL: torch.Tensor | None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        g = num_scales if self.groups > 1 else 1
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            return _grouped(t, g)
+
+        qkv = self.qkv(self.ln1(grouped(x_BLC))).reshape(B, L, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)  # (B, nh, L, hs)
+        x_BLC = x_BLC + self.proj(y.transpose(1, 2).reshape(B, L, C))
+        h = self.fc2(F.gelu(self.fc1(self.ln2(grouped(x_BLC)))))  # (B, G', T, C)
+        return x_BLC + h.reshape(B, L, C)
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`Block` with a final (grouped) LayerNorm."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, groups: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, groups) for _ in range(depth))
+        self.ln = GroupLayerNorm(groups, dim)
+        self.groups = groups
+
+    def forward(self, x_BLC: torch.Tensor, num_scales: int, mask_LL: torch.Tensor | None) -> torch.Tensor:
+        for blk in self.blocks:
+            x_BLC = blk(x_BLC, num_scales, mask_LL)
+        g = num_scales if self.groups > 1 else 1
+        return self.ln(_grouped(x_BLC, g)).reshape(x_BLC.shape)
