@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import posixpath
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
 from coarse2fine.evaluate.inception import INPUT_SIZE, resize_for_inception
 from coarse2fine.preprocess import schema
@@ -48,9 +45,6 @@ def _iter_bytes(uri: str, split: str | None) -> Iterator[bytes]:
             yield f.read()
 
 
-def _to_tensor(data: bytes) -> torch.Tensor:
-    a = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 def iter_batches(uri: str, batch_size: int, max_samples: int | None = None, split: str | None = None) -> Iterator[torch.Tensor]:
@@ -61,7 +55,7 @@ def iter_batches(uri: str, batch_size: int, max_samples: int | None = None, spli
     for data in _iter_bytes(uri, split):
         if max_samples is not None and seen >= max_samples:
             break
-        batch.append(_to_tensor(data).float() / 255.0)
+        batch.append(torch.from_numpy(schema.decode_image(data)))  # (3, H, W) in [0, 1]
         seen += 1
         if len(batch) == batch_size:
             yield _stack(batch)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -87,3 +89,24 @@ def log_table(rows: list[dict], artifact_file: str) -> None:
     df = pd.DataFrame(rows)
     mlflow.log_table(df, artifact_file=artifact_file)
     mlflow.log_text(df.to_csv(index=False), str(Path(artifact_file).with_suffix(".csv")))
+
+
+@dataclass
+class MlflowLogger:
+    """Logs into an existing run from any process (e.g. a Ray Train worker); picklable."""
+
+    tracking: TrackingConfig
+    run_id: str
+
+    def _client(self) -> mlflow.MlflowClient:
+        set_store(self.tracking)
+        return mlflow.MlflowClient()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_images(self, images_NCHW: np.ndarray, name: str, step: int) -> None:
+        self._client().log_image(self.run_id, image_grid(np.asarray(images_NCHW)), key=name, step=step)

@@ -364,7 +364,7 @@ def _run_image_stage(
 
 def spectral_row(key: str, png: bytes, levels: int, dtype: str) -> dict:
     """One ``spectral`` row: Haar DWT of the image in [0, 1]."""
-    scales = dwt.haar_dwt(images.decode_png(png).astype(np.float64), levels)
+    scales = dwt.haar_dwt(schema.decode_image(png).astype(np.float64), levels)
     row = {"key": key, "wavelet": schema.WAVELET, "levels": levels}
     row.update({f"scale_{s}": c.astype(dtype) for s, c in enumerate(scales)})
     return row
@@ -385,7 +385,7 @@ def spectral(images_uri: str, data: DataConfig, pre: PreprocessConfig, store: St
 
 def decomposition_row(key: str, png: bytes, order: int, params: mumford_shah.ATParams, dtype: str) -> dict:
     """One ``decomposition`` row: B_n, D_1..D_n, edge maps and per-layer diagnostics."""
-    d = mumford_shah.decompose(images.decode_png(png).astype(np.float64), order, params)
+    d = mumford_shah.decompose(schema.decode_image(png).astype(np.float64), order, params)
     row = {"key": key, "order": order, "alpha": params.alpha, "lambda_": params.lambda_,
            "epsilon": params.epsilon, "base": d.base.astype(dtype)}
     for k in range(1, order + 1):

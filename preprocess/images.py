@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+
 class RejectedImage(Exception):
     """An input that cannot be used; ``error`` is a short class name, ``detail`` the reason."""
 
@@ -83,12 +84,6 @@ def normalise_image(data: bytes, resolution: int, min_size: int) -> NormalisedIm
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     return NormalisedImage(key=key, png=buf.getvalue(), width=width, height=height)
-
-
-def decode_png(png: bytes) -> np.ndarray:
-    """A stored ``image`` cell as float32 (3, H, W) in [0, 1]."""
-    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
-    return a.transpose(2, 0, 1)  # (H,W,3) -> (3,H,W)
 
 
 def split_of(key: str, validation_fraction: float) -> str:

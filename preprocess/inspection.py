@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coarse2fine.preprocess import dwt, images, schema, storage
+from coarse2fine.preprocess import dwt, schema, storage
 
 
 def describe(uri: str) -> dict:
@@ -39,7 +39,7 @@ def _source_image(uri: str, key: str):
     images_uri = uri if manifest["stage"] == "ingest" else manifest["inputs"].get("images")
     if images_uri is None:
         return None
-    return images.decode_png(find_row(images_uri, key)["image"])
+    return schema.decode_image(find_row(images_uri, key)["image"])
 
 
 def render_row(uri: str, key: str, out_png: str) -> str:

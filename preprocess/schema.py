@@ -6,6 +6,7 @@ which pyarrow, duckdb and polars all read (as fixed-size lists/arrays where they
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 
@@ -13,6 +14,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
@@ -38,6 +40,12 @@ REJECTED = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+def decode_image(png: bytes) -> np.ndarray:
+    """Image bytes (an ``images.image`` PNG cell, or any Pillow format) as float32 RGB (3, H, W) in [0, 1]."""
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
+    return a.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 def tensor_type(shape: tuple[int, ...], dtype: str) -> pa.DataType:

@@ -18,7 +18,7 @@ from conftest import TINY_RES, tiny_configs
 from coarse2fine.preprocess import storage
 from coarse2fine.preprocess.beam_jobs import preprocess_all
 from coarse2fine.preprocess.dwt import haar_dwt
-from coarse2fine.preprocess.images import decode_png
+from coarse2fine.preprocess.schema import decode_image
 from coarse2fine.preprocess.schema import tensor_numpy
 
 pytestmark = pytest.mark.slow
@@ -72,14 +72,14 @@ def test_images_dataset_contract(run):
     classes = manifest(ing.uris["images"])["classes"]
     assert "astronaut" in classes and "odd" in classes
     for row in t.to_pylist():
-        assert decode_png(row["image"]).shape == (3, TINY_RES, TINY_RES)
+        assert decode_image(row["image"]).shape == (3, TINY_RES, TINY_RES)
         folder = Path(row["source_uri"]).parent.name
         assert classes[row["label"]] == folder
 
 
 def test_spectral_and_decomposition_rows_match_the_math(run):
     (data, pre, _), (ing, spec, dec), _ = run
-    images = {r["key"]: decode_png(r["image"]) for r in storage.read_table(ing.uris["images"]).to_pylist()}
+    images = {r["key"]: decode_image(r["image"]) for r in storage.read_table(ing.uris["images"]).to_pylist()}
     st = storage.read_table(spec.uris["spectral"])
     assert st.num_rows == len(images)
     key = st.column("key")[0].as_py()
