@@ -94,7 +94,9 @@ def demo(
     set_: Optional[List[str]] = SetOpt,
     n: int = typer.Option(200, "--n", min=1, help="Demo images to create when data.source is empty."),
 ) -> None:
-    """The main job on the embedded default: create the demo images if missing, then preprocess."""
+    """The main job on the embedded default: demo images (if missing) → preprocess → train the
+    tokenizer → evaluate it; finished stages are reused on a re-run."""
+    from coarse2fine.pipelines import stages
     from coarse2fine.preprocess.storage import url_to_fs
 
     cfg = _config(config, set_)
@@ -103,8 +105,16 @@ def demo(
         demo_data(Path(path), n, cfg.data.resolution, 0)
     t0 = time.time()
     results = _run_preprocess(cfg)
-    out.print(f"done in {time.time() - t0:.1f}s; look at a row with: "
-              f"c2f inspect {results[-1].uris['decomposition']} --key <key> --png row.png")
+    tok = stages.train_tokenizer(cfg)
+    rows = stages.evaluate_tokenizer(cfg, tok["run_id"])
+    out.print(f"\n[bold]done in {time.time() - t0:.0f}s[/bold]")
+    out.print(f"tokenizer ({cfg.tokenizer.method}) MLflow run {tok['run_id']} in {cfg.tracking.uri}, "
+              f"experiment {cfg.tracking.experiment}")
+    out.print("reconstruction: " + "; ".join(
+        f"{r['resolution']}px PSNR {r['psnr']:.2f} dB, rFID {r.get('rfid', float('nan')):.1f}" for r in rows))
+    out.print(f"sample grid: MLflow artifact eval/reconstructions.png (mlflow ui --backend-store-uri {cfg.tracking.uri})")
+    out.print(f"inspect a dataset row: c2f inspect {results[-1].uris['decomposition']} --key <key> --png row.png")
+    out.print(f"compare runs: c2f compare --experiment {cfg.tracking.experiment} --metric psnr --metric rfid")
 
 
 @app.command()
@@ -173,11 +183,47 @@ def compare(
     out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 
 
+@app.command("train-tokenizer")
+def train_tokenizer(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
+                                             help="Stop (with a checkpoint) after this many total steps; re-run to resume."),
+) -> None:
+    """Train the configured tokenizer (tokenizer.method: sit | vit_vq) under Ray Train; resumes if interrupted."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.train_tokenizer(_config(config, set_), stop_after)
+    out.print(f"tokenizer run {res['run_id']} ({'reused' if res['reused'] == 'yes' else 'trained'}); "
+              f"checkpoint {res['checkpoint']}")
+
+
+@app.command()
+def evaluate(
+    run: str = typer.Option(..., "--run", help="MLflow run id of a trained tokenizer."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Evaluate a trained tokenizer per resolution (PSNR/SSIM/L1/rFID, throughput, codebook usage) into its MLflow run."""
+    from coarse2fine.pipelines import stages
+
+    rows = stages.evaluate_tokenizer(_config(config, set_), run)
+    t = Table(title=f"reconstruction, run {run}")
+    for col in rows[0]:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+    out.print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn user errors into one line + exit 2."""
     from coarse2fine.preprocess.storage import IncompleteDatasetError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    handler = RichHandler(console=console, show_path=False)
+    # Beam's GCP io module warns about optional BigQuery clients on import (root logger)
+    handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

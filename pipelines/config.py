@@ -12,6 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from coarse2fine.evaluate.config import EvaluateConfig, TrackingConfig
+from coarse2fine.train.config import RayConfig, TokenizerConfig, TrainConfig
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -26,10 +27,13 @@ class ConfigError(ValueError):
 
 
 class Config(Section):
-    """Sections present so far; the tokenizer/generator/train sections arrive with their stages."""
+    """Sections present so far; the generator section arrives with its stage."""
 
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -37,6 +41,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         check_levels(self.data, self.preprocess)
+        self.tokenizer.model_config_for(self.data.resolution)  # raises ValueError on impossible shapes
         return self
 
 

@@ -12,7 +12,8 @@ from coarse2fine.evaluate.tracking import MlflowLogger, configure
 from coarse2fine.preprocess.beam_jobs import ingest
 from coarse2fine.train.config import TokenizerConfig, TrainConfig
 from coarse2fine.train.data import batch_indices
-from coarse2fine.train.launch import fit_tokenizer, load_tokenizer
+from coarse2fine.train.launch import fit_tokenizer
+from coarse2fine.train.models.io import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

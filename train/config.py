@@ -11,8 +11,9 @@ from coarse2fine.train.models.sit import SITConfig
 
 
 class TokenizerConfig(Section):
-    """``method``: ``sit`` (spectral tokenizer) or ``vit_vq`` (spatial ViT-VQGAN baseline, one
-    scale of ``num_scales * tokens_per_scale`` pixel patches, so both see the same sequence length)."""
+    """``method``: ``sit`` (spectral tokenizer) or ``vit_vq`` (spatial ViT-VQGAN baseline: one
+    scale of ``vit_vq_tokens`` pixel patches; default ``num_scales * tokens_per_scale`` so both see
+    the same sequence length, as in the seed's 1024 = 4 × 256 comparison; it must be a square)."""
 
     method: Literal["sit", "vit_vq"] = "sit"
     num_scales: int = Field(3, ge=1)
@@ -27,6 +28,7 @@ class TokenizerConfig(Section):
     causal_decoder: bool = True
     beta: float = 0.25
     entropy_weight: float = 0.002
+    vit_vq_tokens: Optional[int] = Field(None, ge=1)
 
     def model_config_for(self, resolution: int) -> SITConfig:
         """The model dataclass for images of ``resolution`` (raises ValueError on impossible shapes)."""
@@ -34,7 +36,7 @@ class TokenizerConfig(Section):
                       code_dim=self.code_dim, beta=self.beta, entropy_weight=self.entropy_weight)
         if self.method == "vit_vq":
             return SITConfig(resolution=resolution, num_scales=1,
-                             tokens_per_scale=self.num_scales * self.tokens_per_scale,
+                             tokens_per_scale=self.vit_vq_tokens or self.num_scales * self.tokens_per_scale,
                              per_scale_codebooks=False, per_scale_params=False,
                              causal_encoder=False, causal_decoder=False, **common)
         return SITConfig(resolution=resolution, num_scales=self.num_scales, tokens_per_scale=self.tokens_per_scale,

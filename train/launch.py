@@ -26,11 +26,11 @@ from coarse2fine.preprocess import schema
 from coarse2fine.train import data
 from coarse2fine.train.config import RayConfig, TokenizerConfig, TrainConfig
 from coarse2fine.train.losses import LossWeights
+from coarse2fine.train.models.io import CHECKPOINT_FILE
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, warmup_cosine
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "state.pt"
 
 
 class MetricsLogger(Protocol):
@@ -55,14 +55,6 @@ def save_state(path: str, model, optimizer, scheduler, step: int, model_cfg: SIT
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state(),
                 "model_config": asdict(model_cfg)}, os.path.join(path, CHECKPOINT_FILE))
-
-
-def load_tokenizer(checkpoint_dir: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A trained tokenizer from a checkpoint directory (local path), in eval mode."""
-    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=False)
-    model = build_tokenizer(SITConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -146,6 +138,7 @@ def fit_tokenizer(
         ray.init(address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     model_cfg = tokenizer.model_config_for(resolution)
+    storage_fs, storage_path = ray_storage(checkpoints_root)
     ds = ray.data.read_parquet(schema.shard_uris(images_uri), columns=["key", "split", "image"])
     ds = ds.filter(lambda row: row["split"] == "train")
     trainer = TorchTrainer(
@@ -154,7 +147,7 @@ def fit_tokenizer(
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=checkpoints_root,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
@@ -164,6 +157,16 @@ def fit_tokenizer(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     path = result.checkpoint.path
-    proto = checkpoints_root.split("://", 1)[0] + "://" if "://" in checkpoints_root else ""
-    uri = path if path.startswith(proto) else proto + path.lstrip("/") if proto else path
+    uri = f"{checkpoints_root.split('://', 1)[0]}://{path.lstrip('/')}" if storage_fs is not None else path
     return FitResult(run_name, uri, int(result.metrics.get("step", 0)), dict(result.metrics))
+
+
+def ray_storage(root: str):
+    """Ray Train storage for a URI: a local absolute path, or (gs://, memory://…) the fsspec
+    filesystem wrapped for pyarrow, so the same credentials/emulator settings apply as for datasets."""
+    if "://" not in root or root.startswith("file://"):
+        return None, os.path.abspath(root.removeprefix("file://"))
+    import pyarrow.fs
+
+    fs, path = schema.url_to_fs(root)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

@@ -1,0 +1,61 @@
+"""The user's path through the CLI on configs/tiny.yaml: demo → train (resume, reuse) → evaluate → compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from coarse2fine.pipelines.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sets(tmp: Path, *extra: str) -> list[str]:
+    out = ["--config", str(REPO / "configs/tiny.yaml"),
+           "--set", f"data.source={tmp}/imgs", "--set", f"storage.root={tmp}/store",
+           "--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+    for e in extra:
+        out += ["--set", e]
+    return out
+
+
+def test_demo_train_evaluate_compare(tmp_path, capsys):
+    import ray
+
+    try:
+        assert main(["demo", "--n", "12", *sets(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "PSNR" in out and "MLflow run" in out
+        run_id = out.split("MLflow run ")[1].split()[0]
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        run = mlflow.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["c2f.status"] == "finished"
+        assert "eval/psnr_32px" in run.data.metrics and "eval/psnr_16px" in run.data.metrics
+        assert "codebook_usage/scale_0" in run.data.metrics and run.data.params["tokenizer.method"] == "sit"
+        arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
+        assert {"eval/per_resolution.json", "eval/reconstructions.png"} <= arts
+
+        # same config again: the finished tokenizer is reused, not retrained
+        assert main(["train-tokenizer", *sets(tmp_path)]) == 0
+        assert "reused" in capsys.readouterr().out
+
+        # a changed tokenizer: pause after 3 steps, then resume to the end in the same MLflow run
+        assert main(["train-tokenizer", "--stop-after", "3", *sets(tmp_path, "tokenizer.method=vit_vq")]) == 0
+        paused = capsys.readouterr().out.split("tokenizer run ")[1].split()[0]
+        assert mlflow.get_run(paused).data.tags["c2f.status"] == "paused at step 3"
+        assert main(["train-tokenizer", *sets(tmp_path, "tokenizer.method=vit_vq")]) == 0
+        resumed = capsys.readouterr().out.split("tokenizer run ")[1].split()[0]
+        assert resumed == paused and mlflow.get_run(resumed).data.tags["c2f.status"] == "finished"
+        steps = [m.step for m in mlflow.MlflowClient().get_metric_history(resumed, "loss")]
+        assert sorted(set(steps)) == list(range(6))
+
+        assert main(["evaluate", "--run", resumed, *sets(tmp_path)]) == 0
+        assert main(["compare", "--experiment", "tiny", "--metric", "psnr", "--metric", "rfid",
+                     "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--png", str(tmp_path / "c.png")]) == 0
+        table = capsys.readouterr().out
+        assert "vit_vq" in table and "sit" in table and (tmp_path / "c.png").exists()
+    finally:
+        ray.shutdown()
