@@ -140,7 +140,7 @@ def fit_tokenizer(
     model_cfg = tokenizer.model_config_for(resolution)
     storage_fs, storage_path = ray_storage(checkpoints_root)
     ds = ray.data.read_parquet(schema.shard_uris(images_uri), columns=["key", "split", "image"])
-    ds = ds.filter(lambda row: row["split"] == "train")
+    ds = ds.filter(expr="split == 'train'")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": train, "model": model_cfg, "logger": logger, "stop_after": stop_after},
