@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from coarse2fine.preprocess.config import Section
+from coarse2fine.preprocess.config import Section, absolute_local
 
 
 class EvaluateConfig(Section):
@@ -33,3 +33,13 @@ class TrackingConfig(Section):
 
     uri: str = "sqlite:///.c2f/mlflow.db"
     experiment: str = "coarse2fine"
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute_sqlite(cls, v: str) -> str:
+        """``sqlite:///relative.db`` is resolved against the current directory once, here, so
+        Ray workers (other working directories) write to the same file."""
+        prefix = "sqlite:///"
+        if v.startswith(prefix) and not v[len(prefix):].startswith("/"):
+            return prefix + absolute_local(v[len(prefix):])
+        return v

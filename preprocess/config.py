@@ -5,6 +5,7 @@ Only entry points read YAML; they build these models and pass each stage its own
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +15,12 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def absolute_local(uri: str) -> str:
+    """Local paths become absolute (Beam and Ray workers run in other working directories);
+    URIs with a scheme (gs://, memory://, file://) are left as they are."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 class DataConfig(Section):
@@ -31,6 +38,8 @@ class DataConfig(Section):
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     label_from: str = "folder"
     image_column: str = "image"
+
+    _abs_source = field_validator("source")(lambda v: absolute_local(v))
 
     @field_validator("resolution")
     @classmethod
@@ -69,6 +78,8 @@ class StorageConfig(Section):
     """Root under which every stage writes ``{root}/{stage}/{fingerprint}/``."""
 
     root: str = ".c2f/store"
+
+    _abs_root = field_validator("root")(lambda v: absolute_local(v))
 
 
 def check_levels(data: DataConfig, pre: PreprocessConfig) -> None:
