@@ -199,6 +199,19 @@ def train_tokenizer(
 
 
 @app.command()
+def tokenize(
+    run: str = typer.Option(..., "--run", help="MLflow run id of a finished tokenizer."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Beam job: encode every image into token ids per scale, the tokens/{fingerprint} dataset."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.tokenize(_config(config, set_), run)
+    out.print(f"tokens: {res.rows['tokens']} rows {'(reused) ' if res.reused else ''}-> {res.uris['tokens']}")
+
+
+@app.command()
 def evaluate(
     run: str = typer.Option(..., "--run", help="MLflow run id of a trained tokenizer."),
     config: Optional[Path] = ConfigOpt,

@@ -13,7 +13,7 @@ from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.tracking import MlflowLogger
 from coarse2fine.pipelines.config import Config
 from coarse2fine.preprocess import schema, storage
-from coarse2fine.preprocess.beam_jobs import StageResult, preprocess_all
+from coarse2fine.preprocess.beam_jobs import StageResult, preprocess_all, run_image_stage
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "c2f.fingerprint"
@@ -104,3 +104,26 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
         tracking.log_image_grid(report.grid, "eval/reconstructions.png")
     return report.rows
 
+
+
+def tokenize(cfg: Config, run_id: str) -> StageResult:
+    """Beam job: the ``tokens/{fingerprint}`` dataset (ids per scale) of a trained tokenizer run."""
+    from coarse2fine.train import tokenize as tok
+    from coarse2fine.train.models import io, sit
+    from coarse2fine.train.models.io import load_tokenizer
+
+    tracking.set_store(cfg.tracking)
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if tags.get("c2f.status") != "finished":
+        raise KeyError(f"MLflow run {run_id} is not a finished tokenizer run (status: {tags.get('c2f.status')})")
+    ckpt, images_uri = tags["c2f.checkpoint"], tags["c2f.images"]
+    model_cfg = load_tokenizer(ckpt).cfg
+    result = run_image_stage(
+        "tokens", images_uri, cfg.preprocess, cfg.storage,
+        {"tokenizer_run": run_id, "checkpoint": ckpt, "fingerprint": tags[FINGERPRINT_TAG]},
+        storage.code_version(tok, io, sit), schema.tokens_schema(model_cfg.num_scales, model_cfg.grid),
+        tok.token_rows(ckpt),
+    )
+    client.set_tag(run_id, "c2f.tokens", result.uris["tokens"])
+    return result

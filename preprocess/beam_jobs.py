@@ -317,12 +317,14 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
 # ---------------------------------------------------------------- per-image stages
 
 
-def _image_rows(shard_uri: str) -> Iterator[tuple[str, bytes]]:
-    table = storage.read_shard(shard_uri, ["key", "image"])
-    yield from zip(table.column("key").to_pylist(), table.column("image").to_pylist())
+def _image_rows(shard_uri: str) -> Iterator[tuple[str, dict]]:
+    """``(key, {"image": png, "label": label})`` for every row of an images shard."""
+    table = storage.read_shard(shard_uri, ["key", "image", "label"])
+    for key, png, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
+        yield key, {"image": png, "label": label}
 
 
-def _run_image_stage(
+def run_image_stage(
     stage: str,
     images_uri: str,
     pre: PreprocessConfig,
@@ -330,9 +332,12 @@ def _run_image_stage(
     config: dict,
     code: str,
     table_schema,
-    make_row,
+    make_rows,
 ) -> StageResult:
-    """Shared driver of the per-image stages: fingerprint, reuse, Beam map, manifest."""
+    """Driver of a per-image Beam stage: fingerprint, reuse, Beam map, manifest.
+
+    ``make_rows(items)`` turns one output shard's ``[(key, {"image", "label"}), …]`` (sorted by
+    key) into row dicts of ``table_schema``; it runs on the Beam workers (batch work goes there)."""
     t0 = time.time()
     src = storage.read_manifest(images_uri)
     if src is None:
@@ -351,8 +356,7 @@ def _run_image_stage(
         p
         | "ListShards" >> beam.Create(storage.shard_uris(images_uri), reshuffle=True)
         | "ReadImages" >> beam.FlatMap(_image_rows)
-        | "Write" >> _WriteShards(uri, run_id, _num_shards(src["rows"], pre), table_schema,
-                                  lambda kv: (make_row(k, png) for k, png in kv))
+        | "Write" >> _WriteShards(uri, run_id, _num_shards(src["rows"], pre), table_schema, make_rows)
     )
     p.run().wait_until_finish()
     manifest = _finish(uri, run_id, table_schema, stage=stage, fp=fp, config=config,
@@ -376,10 +380,10 @@ def spectral(images_uri: str, data: DataConfig, pre: PreprocessConfig, store: St
     config = {"levels": pre.levels, "dtype": pre.dtype, "wavelet": schema.WAVELET}
     code = storage.code_version(dwt, images, schema, storage, sys.modules[__name__])
     levels, dtype = pre.levels, pre.dtype
-    return _run_image_stage(
+    return run_image_stage(
         "spectral", images_uri, pre, store, config, code,
         schema.spectral_schema(data.resolution, levels, dtype),
-        lambda key, png: spectral_row(key, png, levels, dtype),
+        lambda items: (spectral_row(k, row["image"], levels, dtype) for k, row in items),
     )
 
 
@@ -408,10 +412,10 @@ def decomposition(images_uri: str, data: DataConfig, pre: PreprocessConfig, stor
     config = cfg.model_dump() | {"dtype": pre.dtype}
     code = storage.code_version(mumford_shah, images, schema, storage, sys.modules[__name__])
     order, dtype = cfg.order, pre.dtype
-    return _run_image_stage(
+    return run_image_stage(
         "decomposition", images_uri, pre, store, config, code,
         schema.decomposition_schema(data.resolution, order, dtype),
-        lambda key, png: decomposition_row(key, png, order, params, dtype),
+        lambda items: (decomposition_row(k, row["image"], order, params, dtype) for k, row in items),
     )
 
 

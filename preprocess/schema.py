@@ -91,6 +91,13 @@ def decomposition_schema(resolution: int, order: int, dtype: str) -> pa.Schema:
     return pa.schema(fields)
 
 
+def tokens_schema(num_scales: int, grid: int) -> pa.Schema:
+    """``tokens/…``: ``ids_s`` = int32 token ids of scale s (0 = coarsest) on its grid×grid layout."""
+    fields = [("key", pa.string()), ("label", pa.int32())]
+    fields += [(f"ids_{s}", tensor_type((grid, grid), "int32")) for s in range(num_scales)]
+    return pa.schema(fields)
+
+
 def tensor_array(arrays: list[np.ndarray], typ: pa.DataType) -> pa.ExtensionArray:
     """Pack equally shaped numpy arrays into one fixed-shape tensor column."""
     assert isinstance(typ, pa.FixedShapeTensorType), typ

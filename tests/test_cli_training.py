@@ -6,8 +6,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from coarse2fine.pipelines.cli import main
+from coarse2fine.preprocess import schema
+from coarse2fine.train.models.io import load_tokenizer
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +40,24 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         assert "codebook_usage/scale_0" in run.data.metrics and run.data.params["tokenizer.method"] == "sit"
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
         assert {"eval/per_resolution.json", "eval/reconstructions.png"} <= arts
+
+        # token shards: ids per scale equal the tokenizer's own encoding; a re-run is reused
+        assert main(["tokenize", "--run", run_id, *sets(tmp_path)]) == 0
+        tok_out = capsys.readouterr().out
+        assert main(["tokenize", "--run", run_id, *sets(tmp_path)]) == 0
+        assert "(reused)" in capsys.readouterr().out
+        tokens_uri = mlflow.get_run(run_id).data.tags["c2f.tokens"]
+        assert tokens_uri in tok_out.replace("\n", "")
+        tokens = schema.read_table(tokens_uri)
+        images = schema.read_table(run.data.tags["c2f.images"]).sort_by("key")
+        assert tokens.num_rows == images.num_rows
+        assert tokens.schema.field("ids_2").type.shape == [2, 2]
+        model = load_tokenizer(mlflow.get_run(run_id).data.tags["c2f.checkpoint"])
+        row = tokens.sort_by("key").slice(0, 1)
+        x = torch.from_numpy(schema.decode_image(images.column("image")[0].as_py()))[None]
+        _, idx, _ = model.encode(x)
+        for s in range(3):
+            assert schema.tensor_numpy(row.column(f"ids_{s}"))[0].ravel().tolist() == idx[0, s].tolist()
 
         # same config again: the finished tokenizer is reused, not retrained
         assert main(["train-tokenizer", *sets(tmp_path)]) == 0
