@@ -14,6 +14,7 @@ from coarse2fine.evaluate.tracking import MlflowLogger
 from coarse2fine.pipelines.config import Config
 from coarse2fine.preprocess import schema, storage
 from coarse2fine.preprocess.beam_jobs import StageResult, preprocess_all, run_image_stage
+from coarse2fine.train.losses import PERCEPTUAL_OFF
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "c2f.fingerprint"
@@ -61,6 +62,7 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str
             "c2f.images": images_uri, "c2f.images_fingerprint": schema.read_manifest(images_uri)["fingerprint"],
         }) as active:
             tracking.log_config(cfg.model_dump(mode="json"))
+            mlflow.set_tag("c2f.perceptual", PERCEPTUAL_OFF)
             run_id = active.info.run_id
         client.set_terminated(run_id, "RUNNING")
     else:

@@ -157,3 +157,27 @@ def test_tiny_sit_overfits_16_demo_images():
     after = psnr()
     assert np.isfinite(metrics["loss"])
     assert after > 20.0 and after > before + 10.0, (before, after)
+
+
+def test_adversarial_step_with_spectral_normalised_discriminator():
+    from coarse2fine.train.losses import LossWeights
+    from coarse2fine.train.models.discriminator import PatchDiscriminator
+    from coarse2fine.train.steps import tokenizer_train_step, warmup_cosine
+
+    torch.manual_seed(0)
+    m = model()
+    disc = PatchDiscriminator(channels=16, layers=2)
+    x = torch.rand(4, 3, 32, 32)
+    disc(x)  # one forward runs the power iteration
+    w = disc.net[0].weight.detach()  # the spectrally normalised weight
+    assert float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)) == pytest.approx(1.0, abs=0.05)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10))
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
+    weights = LossWeights(adversarial=0.1, adversarial_start=1)
+    before = tokenizer_train_step(m, opt, sched, x, weights, step=0, disc=disc, disc_optimizer=d_opt)
+    assert "g_adv" not in before  # not yet started
+    d_before = [p.detach().clone() for p in disc.parameters()]
+    after = tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt)
+    assert np.isfinite(after["g_adv"]) and np.isfinite(after["d_loss"]) and after["d_loss"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters()))

@@ -86,7 +86,8 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
 
 def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):
     """DDP through Ray Train (gloo): ranks start from different weights and see different data,
-    yet after prepare_model and 3 steps every parameter (codebook included) is identical."""
+    yet after prepare_model and 3 adversarial steps every parameter (codebook and discriminator
+    included) is identical."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -97,6 +98,7 @@ def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):
         import ray.train.torch
 
         from coarse2fine.train.losses import LossWeights
+        from coarse2fine.train.models.discriminator import PatchDiscriminator
         from coarse2fine.train.models.sit import build_tokenizer
         from coarse2fine.train.steps import tokenizer_train_step, warmup_cosine
 
@@ -105,12 +107,15 @@ def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):
         local = build_tokenizer(cfg["model"])
         init = float(torch.cat([p.detach().flatten() for p in local.parameters()]).double().sum())
         model = ray.train.torch.prepare_model(local)  # DDP broadcasts rank 0's weights
+        disc = ray.train.torch.prepare_model(PatchDiscriminator(channels=8, layers=2))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(3))
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
-        for _ in range(3):
-            tokenizer_train_step(model, opt, sched, torch.rand(2, 3, 32, 32, generator=g), LossWeights())
-        params = torch.cat([p.detach().flatten() for p in model.module.parameters()]).double()
+        for step in range(3):
+            tokenizer_train_step(model, opt, sched, torch.rand(2, 3, 32, 32, generator=g),
+                                 LossWeights(adversarial=0.1), step=step, disc=disc, disc_optimizer=d_opt)
+        params = torch.cat([p.detach().flatten() for p in [*model.module.parameters(), *disc.module.parameters()]]).double()
         torch.save({"init": init, "params": params, "codebook": model.module.quantizer.codebook.detach().clone()},
                    f"{cfg['out']}/rank{rank}.pt")
         ray.train.report({"rank": rank})

@@ -53,6 +53,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_frac: float = Field(0.1, ge=0, lt=1)
     clip_norm: float = Field(1.0, gt=0)
+    adversarial_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1; 0 turns the discriminator off")
+    adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = False
     bf16: bool = Field(True, description="bf16 autocast when on GPU")

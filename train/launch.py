@@ -26,6 +26,7 @@ from coarse2fine.preprocess import schema
 from coarse2fine.train import data
 from coarse2fine.train.config import RayConfig, TokenizerConfig, TrainConfig
 from coarse2fine.train.losses import LossWeights
+from coarse2fine.train.models.discriminator import PatchDiscriminator
 from coarse2fine.train.models.io import CHECKPOINT_FILE
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, warmup_cosine
@@ -51,10 +52,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_state(path: str, model, optimizer, scheduler, step: int, model_cfg: SITConfig) -> None:
-    torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                "model_config": asdict(model_cfg)}, os.path.join(path, CHECKPOINT_FILE))
+def save_state(path: str, model, optimizer, scheduler, step: int, model_cfg: SITConfig,
+               disc=None, disc_optimizer=None) -> None:
+    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state(),
+             "model_config": asdict(model_cfg)}
+    if disc is not None:
+        state |= {"disc": _unwrap(disc).state_dict(), "disc_optimizer": disc_optimizer.state_dict()}
+    torch.save(state, os.path.join(path, CHECKPOINT_FILE))
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -79,6 +84,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(build_tokenizer(model_cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tcfg.max_steps, tcfg.warmup_frac))
+    disc = disc_optimizer = None
+    if tcfg.adversarial_weight > 0:
+        disc = ray.train.torch.prepare_model(PatchDiscriminator())
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.5, 0.9))
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -87,16 +96,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if disc is not None:
+            _unwrap(disc).load_state_dict(state["disc"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
-    weights = LossWeights()
+    weights = LossWeights(adversarial=tcfg.adversarial_weight,
+                          adversarial_start=int(tcfg.adversarial_start * tcfg.max_steps))
     for step in range(start, stop):
         x = images[data.batch_indices(step, len(images), tcfg.batch_size, tcfg.seed, rank)].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            metrics = tokenizer_train_step(model, optimizer, scheduler, x, weights, tcfg.clip_norm)
+            metrics = tokenizer_train_step(model, optimizer, scheduler, x, weights, tcfg.clip_norm, step,
+                                           disc, disc_optimizer)
         done = step + 1
         if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
             logger.log_metrics(metrics, step)
@@ -107,7 +121,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    save_state(tmp, model, optimizer, scheduler, done, model_cfg)
+                    save_state(tmp, model, optimizer, scheduler, done, model_cfg, disc, disc_optimizer)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": done}, checkpoint=ckpt)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from coarse2fine.train.losses import LossWeights, reconstruction_loss
+from coarse2fine.train.losses import LossWeights, discriminator_hinge, generator_hinge, reconstruction_loss
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float = 0.1):
@@ -24,18 +24,35 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.1):
 
 
 def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weights: LossWeights,
-                         clip_norm: float = 1.0) -> dict[str, float]:
-    """One optimisation step on a batch of images in [0, 1]; returns scalar metrics."""
+                         clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None) -> dict[str, float]:
+    """One optimisation step on a batch of images in [0, 1]; returns scalar metrics.
+
+    With a discriminator (and ``step >= weights.adversarial_start``) the tokenizer also gets the
+    hinge generator loss and the discriminator one hinge step on real vs reconstructed images.
+    """
     model.train()
     recon, _, aux, terms = model(x_B3HW)
     l2 = reconstruction_loss(recon, x_B3HW)
     loss = weights.l2 * l2 + aux
+    adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
+    scalars = {"l2": l2, "aux": aux, **terms}
+    if adversarial:
+        g_adv = generator_hinge(disc(recon))
+        loss = loss + weights.adversarial * g_adv
+        scalars["g_adv"] = g_adv
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     scheduler.step()
-    scalars = {"loss": loss, "l2": l2, "aux": aux, "grad_norm": grad_norm, **terms}
+    if adversarial:
+        logits = disc(torch.cat([x_B3HW, recon.detach()]))  # one forward (DDP-friendly)
+        d_loss = discriminator_hinge(*logits.chunk(2))
+        disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_optimizer.step()
+        scalars["d_loss"] = d_loss
+    scalars["loss"] = loss
     return {k: v.item() for k, v in scalars.items()} | {"lr": scheduler.get_last_lr()[0]}
 
 
