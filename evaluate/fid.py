@@ -107,12 +107,6 @@ class Evaluator:
             np.save(f, feats.astype(np.float32))
         return feats
 
-    def compare(self, real: str, fake: str | Iterable[torch.Tensor], real_split: str | None = None) -> FIDResult:
-        """FID and KID of ``fake`` against ``real`` (URIs of folders/datasets, or fake batches)."""
-        f_real = self.reference_features(real, real_split)
-        f_fake = self.features(fake, desc="generated" if not isinstance(fake, str) else "images")
-        return self.compare_features(f_real, f_fake)
-
     def compare_features(self, f_real: np.ndarray, f_fake: np.ndarray) -> FIDResult:
         fid = frechet_distance(FeatureStats.from_features(f_real), FeatureStats.from_features(f_fake))
         kid_m, kid_s = kernel_inception_distance(f_real, f_fake, self.cfg.kid_subsets, self.cfg.kid_subset_size,

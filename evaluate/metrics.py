@@ -9,7 +9,6 @@ IS (Salimans et al. 2016): ``exp E_x KL(p(y|x) ‖ p(y))`` over ``splits`` chunk
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,16 +29,6 @@ class FeatureStats:
         f = np.asarray(f_ND, dtype=np.float64)
         assert f.ndim == 2 and f.shape[0] >= 2, f"need (N>=2, D) features, got {f.shape}"
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), f.shape[0])
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "FeatureStats":
-        z = np.load(io.BytesIO(data))
-        return cls(z["mu"], z["sigma"], int(z["n"]))
 
 
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:

@@ -155,9 +155,15 @@ def fid(
     """FID and KID between two image sets (TF-2015 Inception weights, offline), with the protocol."""
     from coarse2fine.evaluate.fid import Evaluator
 
-    ev = Evaluator(load_section(config, set_, "evaluate"))
+    from coarse2fine.evaluate.image_sets import iter_batches
+
+    cfg = load_section(config, set_, "evaluate")
+    ev = Evaluator(cfg)
     res = ev.compare_features(ev.reference_features(path_a, split), ev.features(path_b, split, "images"))
+    res = ev.inception_score(iter_batches(path_b, cfg.batch_size, cfg.max_samples, split), res)
     out.print(f"FID {res.fid:.4f}   KID {res.kid_mean:.6f} ± {res.kid_std:.6f}   (n={res.n_real} vs {res.n_fake})")
+    out.print(f"IS {res.inception_score:.3f} ± {res.inception_score_std:.3f}" if res.inception_score is not None
+              else res.is_skipped_reason)
     out.print("protocol: " + ", ".join(f"{k}={v}" for k, v in res.protocol.items()))
 
 

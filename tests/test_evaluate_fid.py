@@ -112,4 +112,4 @@ def test_reference_features_cached_next_to_dataset_and_cli(tmp_path, capsys):
     assert main(["fid", uri, str(src), "--set", "evaluate.kid_subset_size=6", "--set", "evaluate.kid_subsets=2"]) == 0
     out = capsys.readouterr().out
     fid = float(out.split("FID ")[1].split()[0])
-    assert abs(fid) < 1e-2 and "feature_net_sha1" in out
+    assert abs(fid) < 1e-2 and "feature_net_sha1" in out and "IS skipped" in out

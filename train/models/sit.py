@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.blocks import GroupLinear, Transformer, _grouped, scale_causal_mask
+from coarse2fine.train.models.blocks import Transformer, _grouped, scale_causal_mask
 from coarse2fine.train.models.dwt import haar_dwt, haar_idwt
 from coarse2fine.train.models.quantizer import FactorizedVQ
 
