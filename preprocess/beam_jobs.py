@@ -37,7 +37,7 @@ from coarse2fine.preprocess.config import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".parquet",)
+PARQUET_SUFFIXES = (".parquet",)
 
 
 @dataclass
@@ -163,7 +163,7 @@ def list_source(data: DataConfig) -> SourceListing:
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         files.append((unstrip(p), rel, int(info.get("size") or 0)))
-    if files and all(uri.endswith(IMAGE_SUFFIXES) for uri, _, _ in files):
+    if files and all(uri.endswith(PARQUET_SUFFIXES) for uri, _, _ in files):
         entries = []
         for uri, _, _ in files:
             with fs.open(storage.url_to_fs(uri)[1], "rb") as f:
