@@ -20,10 +20,12 @@ chosen here, measured in ``benchmarks/RESULTS.md``):
   exceeds ``sqrt(λ / (4 α ε))`` = 0.11 per pixel (≈ 29 grey levels) for the defaults;
 * the alternation starts with the u-step from ``s = 0`` (smooth first, then find edges).
 
-With these defaults the base is piecewise smooth with edges on ~10–20% of the pixels of a
-natural photo; ε = 1 px instead marks 60–95% of pixels as edges and barely smooths (the
-threshold drops to 0.016 per pixel), and a unit-square domain (h = 1/N) flattens the image
-completely (α/h² is enormous).
+With these defaults the base is piecewise smooth with edges on a small fraction of the pixels
+(first layer on demo crops: 1–21%, mostly 5–9%; the first layer removes ~40% of the total
+variation); ε = 1 px instead marks 60–95% of pixels as edges and barely smooths (the threshold
+drops to 0.016 per pixel), and a unit-square domain (h = 1/N) flattens the image completely
+(α/h² is enormous). ``max_outer=10`` rounds is a budget, not convergence: the energy still falls
+~1% per round at round 10 (``benchmarks/RESULTS.md``).
 
 Discretisation: forward differences with Neumann boundary (zero difference across the border);
 ``s`` lives on pixels and weights the forward differences leaving its pixel. The discrete energy
