@@ -154,6 +154,7 @@ def test_tiny_sit_overfits_16_demo_images():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(300))
     for _ in range(300):
         metrics = tokenizer_train_step(m, opt, sched, x, LossWeights())
+    assert 0 < metrics["batch_usage/scale_2"] <= 1
     after = psnr()
     assert np.isfinite(metrics["loss"])
     assert after > 20.0 and after > before + 10.0, (before, after)

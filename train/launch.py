@@ -29,7 +29,7 @@ from coarse2fine.train.losses import LossWeights
 from coarse2fine.train.models.discriminator import PatchDiscriminator
 from coarse2fine.train.models.io import CHECKPOINT_FILE
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
-from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, warmup_cosine
+from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, unwrap, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,13 @@ class FitResult:
     metrics: dict[str, float]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def save_state(path: str, model, optimizer, scheduler, step: int, model_cfg: SITConfig,
                disc=None, disc_optimizer=None) -> None:
-    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state(),
              "model_config": asdict(model_cfg)}
     if disc is not None:
-        state |= {"disc": _unwrap(disc).state_dict(), "disc_optimizer": disc_optimizer.state_dict()}
+        state |= {"disc": unwrap(disc).state_dict(), "disc_optimizer": disc_optimizer.state_dict()}
     torch.save(state, os.path.join(path, CHECKPOINT_FILE))
 
 
@@ -93,11 +89,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if disc is not None:
-            _unwrap(disc).load_state_dict(state["disc"])
+            unwrap(disc).load_state_dict(state["disc"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
@@ -115,7 +111,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
             logger.log_metrics(metrics, step)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
-            recon, _ = tokenizer_eval_step(_unwrap(model), x[:8])
+            recon, _ = tokenizer_eval_step(unwrap(model), x[:8])
             logger.log_images(torch.cat([x[:8], recon]).float().cpu().numpy(), "reconstructions", step)
         if done % tcfg.checkpoint_every == 0 or done == stop:
             with tempfile.TemporaryDirectory() as tmp:

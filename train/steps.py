@@ -25,13 +25,14 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.1):
 
 def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weights: LossWeights,
                          clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None) -> dict[str, float]:
-    """One optimisation step on a batch of images in [0, 1]; returns scalar metrics.
+    """One optimisation step on a batch of images in [0, 1]; returns scalar metrics, including the
+    share of each scale's codebook used by the batch (collapse shows from the first step).
 
     With a discriminator (and ``step >= weights.adversarial_start``) the tokenizer also gets the
     hinge generator loss and the discriminator one hinge step on real vs reconstructed images.
     """
     model.train()
-    recon, _, aux, terms = model(x_B3HW)
+    recon, indices, aux, terms = model(x_B3HW)
     l2 = reconstruction_loss(recon, x_B3HW)
     loss = weights.l2 * l2 + aux
     adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
@@ -53,7 +54,14 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
         disc_optimizer.step()
         scalars["d_loss"] = d_loss
     scalars["loss"] = loss
-    return {k: v.item() for k, v in scalars.items()} | {"lr": scheduler.get_last_lr()[0]}
+    k = unwrap(model).cfg.codebook_size
+    usage = {f"batch_usage/scale_{s}": indices[:, s].unique().numel() / k for s in range(indices.shape[1])}
+    return {k: v.item() for k, v in scalars.items()} | usage | {"lr": scheduler.get_last_lr()[0]}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
 
 
 @torch.no_grad()
