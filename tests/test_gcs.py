@@ -51,3 +51,27 @@ def test_gs_round_trip(gcs, demo_folder):
     assert not [p for p in fs.find(f"{BUCKET}/store") if "_tmp-" in p]
     again = preprocess_all(*cfgs)
     assert all(r.reused for r in again)
+
+
+def test_tokenizer_training_reads_and_checkpoints_on_gs(gcs, demo_folder):
+    """Ray Data reads the gs:// images dataset and Ray Train checkpoints to gs:// (through gcsfs)."""
+    import ray
+
+    from coarse2fine.preprocess.beam_jobs import ingest
+    from coarse2fine.train.config import TokenizerConfig, TrainConfig
+    from coarse2fine.train.launch import fit_tokenizer
+    from coarse2fine.train.models.io import load_tokenizer
+
+    data, pre, store = tiny_configs(str(demo_folder), f"{gcs}/train-store")
+    images_uri = ingest(data, pre, store).uris["images"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)  # inherits the emulator env
+    try:
+        res = fit_tokenizer(images_uri, TokenizerConfig(num_scales=3, tokens_per_scale=4, size="tiny", codebook_size=64),
+                            TrainConfig(max_steps=2, batch_size=4, checkpoint_every=2, adversarial_weight=0),
+                            32, f"{gcs}/train-store/checkpoints", "gs-run")
+    finally:
+        ray.shutdown()
+    assert res.steps == 2 and res.checkpoint_uri.startswith(f"{gcs}/train-store/checkpoints/gs-run/")
+    assert fsspec.filesystem("gs").exists(res.checkpoint_uri + "/state.pt")
+    model = load_tokenizer(res.checkpoint_uri)
+    assert model.cfg.num_scales == 3

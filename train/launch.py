@@ -149,7 +149,9 @@ def fit_tokenizer(
                  log_to_driver=False, configure_logging=False)
     model_cfg = tokenizer.model_config_for(resolution)
     storage_fs, storage_path = ray_storage(checkpoints_root)
-    ds = ray.data.read_parquet(schema.shard_uris(images_uri), columns=["key", "split", "image"])
+    data_fs, _ = ray_storage(images_uri)
+    shards = [u if data_fs is None else schema.url_to_fs(u)[1] for u in schema.shard_uris(images_uri)]
+    ds = ray.data.read_parquet(shards, columns=["key", "split", "image"], filesystem=data_fs)
     ds = ds.filter(expr="split == 'train'")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -172,8 +174,9 @@ def fit_tokenizer(
 
 
 def ray_storage(root: str):
-    """Ray Train storage for a URI: a local absolute path, or (gs://, memory://…) the fsspec
-    filesystem wrapped for pyarrow, so the same credentials/emulator settings apply as for datasets."""
+    """A URI for Ray (Train storage, Data reads): a local absolute path, or (gs://, memory://…)
+    the fsspec filesystem wrapped for pyarrow and the in-filesystem path, so the same
+    credentials/emulator settings apply as for the datasets."""
     if "://" not in root or root.startswith("file://"):
         return None, os.path.abspath(root.removeprefix("file://"))
     import pyarrow.fs
