@@ -80,3 +80,37 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         assert "vit_vq" in table and "sit" in table and (tmp_path / "c.png").exists()
     finally:
         ray.shutdown()
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL the whole `c2f train-tokenizer` process group mid-run; the re-run resumes (no restart
+    from step 0, no skipped step) and finishes in the same MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    c2f = str(Path(sys.executable).with_name("c2f"))
+    demo = [c2f, "demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]
+    subprocess.run(demo, check=True, capture_output=True)
+    cmd = [c2f, "train-tokenizer", *sets(tmp_path, "train.max_steps=400", "train.checkpoint_every=20",
+                                         "train.log_every=1", "train.adversarial_weight=0")]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_root = tmp_path / "store" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ckpt_root.glob("*/checkpoint_*"))) < 2:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(ckpt_root.glob("*/checkpoint_*"))) >= 2, "no checkpoint before the kill"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    logged_before = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")}
+    assert 0 < max(logged_before) < 399
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    steps = [m.step for m in history]
+    assert sorted(set(steps)) == list(range(400))
+    assert steps.count(0) == 1  # the second invocation did not start again from step 0
+    assert mlflow.get_run(run.info.run_id).data.tags["c2f.status"] == "finished"
