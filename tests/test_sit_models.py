@@ -182,3 +182,35 @@ def test_adversarial_step_with_spectral_normalised_discriminator():
     after = tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt)
     assert np.isfinite(after["g_adv"]) and np.isfinite(after["d_loss"]) and after["d_loss"] >= 0
     assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters()))
+
+
+@pytest.mark.parametrize("enc, dec", [(True, False), (False, True)], ids=["SIT-SCE", "SIT-SCD"])
+def test_encoder_only_or_decoder_only_scale_causal(enc, dec):
+    m = model(causal_encoder=enc, causal_decoder=dec)
+    scales = m.image_to_scales(torch.rand(2, 3, 32, 32))
+    bumped = [c.clone() for c in scales]
+    bumped[2] += torch.randn_like(bumped[2])
+    enc_kept = torch.equal(m.encode_scales(scales)[:, :2], m.encode_scales(bumped)[:, :2])
+    q = torch.randn(2, 3, 4, 32)
+    q2 = q.clone()
+    q2[:, 2] += torch.randn_like(q2[:, 2])
+    dec_kept = all(torch.equal(a, b) for a, b in zip(m.decode(q)[:2], m.decode(q2)[:2]))
+    assert (enc_kept, dec_kept) == (enc, dec)
+    # only the scale-causal side accepts partial sequences
+    if dec:
+        assert m.decode(q[:, :2])[1].shape == m.decode(q)[1].shape
+    else:
+        with pytest.raises(ValueError, match="scale-causal decoder"):
+            m.decode(q[:, :2])
+
+
+def test_entropy_weight_switches_the_entropy_terms():
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 8, 16)
+    off = FactorizedVQ(16, 32, 8, num_codebooks=3, entropy_weight=0.0)
+    on = FactorizedVQ(16, 32, 8, num_codebooks=3, entropy_weight=0.002)
+    on.load_state_dict(off.state_dict())
+    _, _, aux_off, t = off(z, return_terms=True)
+    _, _, aux_on = on(z)
+    torch.testing.assert_close(aux_off, t["codebook"] + 0.25 * t["commitment"])
+    torch.testing.assert_close(aux_on - aux_off, 0.002 * (t["token_entropy"] - t["codebook_entropy"]))
