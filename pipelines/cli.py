@@ -44,6 +44,16 @@ def _config(config: Optional[Path], overrides: Optional[List[str]]) -> Config:
     return load_config(config, overrides or [])
 
 
+def _print_table(title: str, columns: list[str], rows, float_fmt: str) -> None:
+    """A rich table on stdout; floats formatted with ``float_fmt``."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(str(col))
+    for row in rows:
+        t.add_row(*[float_fmt.format(v) if isinstance(v, float) else str(v) for v in row])
+    out.print(t)
+
+
 @app.command("demo-data")
 def demo_data(
     out_dir: Path = typer.Option(..., "--out", help="Folder to write PNG files into (one sub-folder per photo)."),
@@ -154,7 +164,6 @@ def fid(
 ) -> None:
     """FID and KID between two image sets (TF-2015 Inception weights, offline), with the protocol."""
     from coarse2fine.evaluate.fid import Evaluator
-
     from coarse2fine.evaluate.image_sets import iter_batches
 
     cfg = load_section(config, set_, "evaluate")
@@ -180,12 +189,7 @@ def compare(
 
     metrics = metric or ["fid", "psnr"]
     table, png_path, run_id = run_compare(load_section(config, set_, "tracking"), experiment, metrics, png)
-    t = Table(title=f"experiment {experiment}")
-    for col in table.columns:
-        t.add_column(col)
-    for row in table.itertuples(index=False):
-        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
-    out.print(t)
+    _print_table(f"experiment {experiment}", list(table.columns), table.itertuples(index=False), "{:.4f}")
     out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 
 
@@ -227,12 +231,7 @@ def evaluate(
     from coarse2fine.pipelines import stages
 
     rows = stages.evaluate_tokenizer(_config(config, set_), run)
-    t = Table(title=f"reconstruction, run {run}")
-    for col in rows[0]:
-        t.add_column(col)
-    for row in rows:
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
-    out.print(t)
+    _print_table(f"reconstruction, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ def preprocess(cfg: Config) -> list[StageResult]:
     return preprocess_all(cfg.data, cfg.preprocess, cfg.storage)
 
 
-def tokenizer_fingerprint(cfg: Config, images_uri: str) -> str:
+def tokenizer_fingerprint(cfg: Config, images_fp: str) -> str:
     """What determines a trained tokenizer: its config, the optimisation, the data, the code."""
     from coarse2fine.train import data, launch, losses, steps
     from coarse2fine.train.models import blocks, quantizer, sit
@@ -33,7 +33,7 @@ def tokenizer_fingerprint(cfg: Config, images_uri: str) -> str:
     code = storage.code_version(data, launch, losses, steps, blocks, quantizer, sit)
     return storage.fingerprint("tokenizer", {"tokenizer": cfg.tokenizer.model_dump(), "train": train,
                                              "resolution": cfg.data.resolution},
-                               [schema.read_manifest(images_uri)["fingerprint"]], code)
+                               [images_fp], code)
 
 
 def _find_run(cfg: Config, fp: str) -> str | None:
@@ -49,17 +49,19 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str
     from coarse2fine.train.launch import fit_tokenizer
 
     images_uri = preprocess(cfg)[0].uris["images"]
-    fp = tokenizer_fingerprint(cfg, images_uri)
+    images_fp = schema.read_manifest(images_uri)["fingerprint"]
+    fp = tokenizer_fingerprint(cfg, images_fp)
     run_name = f"tokenizer-{cfg.tokenizer.method}-{fp}"
     run_id = _find_run(cfg, fp)
     client = mlflow.MlflowClient()
-    if run_id and client.get_run(run_id).data.tags.get("c2f.status") == "finished":
+    tags = client.get_run(run_id).data.tags if run_id else {}
+    if tags.get("c2f.status") == "finished":
         log.info("train-tokenizer: reusing finished run %s", run_id)
-        return {"run_id": run_id, "checkpoint": client.get_run(run_id).data.tags["c2f.checkpoint"], "reused": "yes"}
+        return {"run_id": run_id, "checkpoint": tags["c2f.checkpoint"], "reused": "yes"}
     if run_id is None:
         with tracking.run(cfg.tracking, run_name=run_name, tags={
             FINGERPRINT_TAG: fp, "c2f.method": cfg.tokenizer.method, "c2f.kind": "tokenizer",
-            "c2f.images": images_uri, "c2f.images_fingerprint": schema.read_manifest(images_uri)["fingerprint"],
+            "c2f.images": images_uri, "c2f.images_fingerprint": images_fp,
         }) as active:
             tracking.log_config(cfg.model_dump(mode="json"))
             mlflow.set_tag("c2f.perceptual", PERCEPTUAL_OFF)
@@ -81,15 +83,21 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str
     return {"run_id": run_id, "checkpoint": fit.checkpoint_uri, "reused": "no", "steps": str(fit.steps)}
 
 
+def _finished_tokenizer_run(cfg: Config, run_id: str) -> tuple[mlflow.MlflowClient, dict[str, str]]:
+    """The MLflow client and the tags of a finished tokenizer run (KeyError otherwise)."""
+    tracking.set_store(cfg.tracking)
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if tags.get("c2f.status") != "finished":
+        raise KeyError(f"MLflow run {run_id} is not a finished tokenizer run (status: {tags.get('c2f.status')})")
+    return client, tags
+
+
 def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     """Per-resolution reconstruction table of a trained tokenizer, logged into its MLflow run."""
     from coarse2fine.evaluate.tokenizer_eval import evaluate_checkpoint
 
-    tracking.set_store(cfg.tracking)
-    client = mlflow.MlflowClient()
-    tags = client.get_run(run_id).data.tags
-    if "c2f.checkpoint" not in tags:
-        raise KeyError(f"MLflow run {run_id} has no c2f.checkpoint tag: not a finished tokenizer run")
+    client, tags = _finished_tokenizer_run(cfg, run_id)
     report = evaluate_checkpoint(tags["c2f.checkpoint"], tags["c2f.images"], cfg.evaluate)
     for row in report.rows:
         res = row["resolution"]
@@ -107,18 +115,13 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     return report.rows
 
 
-
 def tokenize(cfg: Config, run_id: str) -> StageResult:
     """Beam job: the ``tokens/{fingerprint}`` dataset (ids per scale) of a trained tokenizer run."""
     from coarse2fine.train import tokenize as tok
     from coarse2fine.train.models import io, sit
     from coarse2fine.train.models.io import load_tokenizer
 
-    tracking.set_store(cfg.tracking)
-    client = mlflow.MlflowClient()
-    tags = client.get_run(run_id).data.tags
-    if tags.get("c2f.status") != "finished":
-        raise KeyError(f"MLflow run {run_id} is not a finished tokenizer run (status: {tags.get('c2f.status')})")
+    client, tags = _finished_tokenizer_run(cfg, run_id)
     ckpt, images_uri = tags["c2f.checkpoint"], tags["c2f.images"]
     model_cfg = load_tokenizer(ckpt).cfg
     result = run_image_stage(
