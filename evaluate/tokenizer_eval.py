@@ -34,14 +34,16 @@ class TokenizerReport:
     grid: np.ndarray  # (2·n, 3, R, R): originals then reconstructions
 
 
-def held_out_images(images_uri: str, limit: int) -> torch.Tensor:
-    """The validation split (the train split when there is no validation row), sorted by key."""
-    t = schema.read_table(images_uri, ["key", "split", "image"]).sort_by("key")
+def held_out(images_uri: str, limit: int) -> tuple[torch.Tensor, list[int | None]]:
+    """Images and labels of the validation split (the train split when there is no validation
+    row), sorted by key."""
+    t = schema.read_table(images_uri, ["key", "split", "label", "image"]).sort_by("key")
     splits = t.column("split").to_pylist()
     pick = "validation" if "validation" in splits else "train"
     rows = [i for i, s in enumerate(splits) if s == pick][:limit]
-    imgs = t.column("image").to_pylist()
-    return torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows]))
+    imgs, labels = t.column("image").to_pylist(), t.column("label").to_pylist()
+    return torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows])), [labels[i] for i in rows]
+
 
 
 @torch.no_grad()
@@ -69,7 +71,7 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
                         resolutions: list[int] | None = None, with_fid: bool = True) -> TokenizerReport:
     device = resolve_device(cfg.device)
     model = load_tokenizer(checkpoint_uri, device)
-    x = held_out_images(images_uri, cfg.max_samples)
+    x, _ = held_out(images_uri, cfg.max_samples)
     R = model.cfg.resolution
     assert x.shape[-1] == R, f"images are {x.shape[-1]}px, the tokenizer was trained at {R}px"
     ev = Evaluator(cfg) if with_fid else None

@@ -32,7 +32,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml); repeat to "
+                         "layer an overlay such as infra/beam/dataflow.yaml on top.")
 SetOpt = typer.Option(None, "--set", help="Override a config value: dotted.key=value (repeatable).")
 
 
@@ -40,7 +41,7 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit code 2."""
 
 
-def _config(config: Optional[Path], overrides: Optional[List[str]]) -> Config:
+def _config(config: Optional[List[Path]], overrides: Optional[List[str]]) -> Config:
     return load_config(config, overrides or [])
 
 
@@ -93,7 +94,7 @@ def _run_preprocess(cfg: Config) -> list:
 
 
 @app.command()
-def preprocess(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+def preprocess(config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Run ingest → spectral → decomposition as Beam jobs and print the datasets written."""
     _run_preprocess(_config(config, set_))
 
@@ -158,7 +159,7 @@ def inspect(
 def fid(
     path_a: str = typer.Argument(..., help="Reference set: image folder (any fsspec URI) or an images dataset."),
     path_b: str = typer.Argument(..., help="Set to score: image folder or an images dataset."),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
     split: Optional[str] = typer.Option(None, "--split", help="Use only this split of a dataset (train/validation)."),
 ) -> None:
@@ -180,7 +181,7 @@ def fid(
 def compare(
     experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric to compare (repeatable); default fid, psnr."),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
     png: Path = typer.Option(Path("comparison.png"), "--png", help="Where to write the comparison plot."),
 ) -> None:
@@ -195,7 +196,7 @@ def compare(
 
 @app.command("train-tokenizer")
 def train_tokenizer(
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                              help="Stop (with a checkpoint) after this many total steps; re-run to resume."),
@@ -211,7 +212,7 @@ def train_tokenizer(
 @app.command()
 def tokenize(
     run: str = typer.Option(..., "--run", help="MLflow run id of a finished tokenizer."),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Beam job: encode every image into token ids per scale, the tokens/{fingerprint} dataset."""
@@ -223,15 +224,132 @@ def tokenize(
 
 @app.command()
 def evaluate(
-    run: str = typer.Option(..., "--run", help="MLflow run id of a trained tokenizer."),
-    config: Optional[Path] = ConfigOpt,
+    run: str = typer.Option(..., "--run", help="MLflow run id of a finished tokenizer or generator run."),
+    config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Evaluate a trained tokenizer per resolution (PSNR/SSIM/L1/rFID, throughput, codebook usage) into its MLflow run."""
+    """Evaluate a trained model into its MLflow run. Tokenizer: per resolution PSNR/SSIM/L1/rFID,
+    throughput, codebook usage. Generator: per stop scale FID/KID, images/s, memory per image, and
+    upsampling PSNR/FID (SIT Tables 2 and 4 in miniature)."""
     from coarse2fine.pipelines import stages
 
-    rows = stages.evaluate_tokenizer(_config(config, set_), run)
+    cfg = _config(config, set_)
+    if stages.run_kind(cfg, run) == "generator":
+        report = stages.evaluate_generator(cfg, run)
+        for name, rows in report.items():
+            if rows:
+                _print_table(f"{name}, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
+        return
+    rows = stages.evaluate_tokenizer(cfg, run)
     _print_table(f"reconstruction, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
+
+
+@app.command("train-generator")
+def train_generator(
+    config: Optional[List[Path]] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
+                                             help="Stop (with a checkpoint) after this many total steps; re-run to resume."),
+) -> None:
+    """Train AR-SIT (generator section) on the configured tokenizer's token shards under Ray Train;
+    trains/tokenizes the tokenizer first if needed, resumes if interrupted, reuses a finished run."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.train_generator(_config(config, set_), stop_after)
+    out.print(f"generator run {res['run_id']} ({'reused' if res['reused'] == 'yes' else 'trained'}); "
+              f"checkpoint {res['checkpoint']}")
+
+
+RunOpt = typer.Option(..., "--run", help="MLflow run id of a finished generator run.")
+ClassOpt = typer.Option(None, "--class", help="Class name or index (default: unconditional, the null class).")
+SeedOpt = typer.Option(0, "--seed", help="Random seed (same seed, same samples).")
+CfgScaleOpt = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance scale (default generator.guidance; 1 = off).")
+TempOpt = typer.Option(None, "--temperature", min=1e-6, help="Sampling temperature (default generator.temperature).")
+TopKOpt = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
+TopPOpt = typer.Option(None, "--top-p", min=1e-6, max=1.0, help="Nucleus sampling mass (1 = off).")
+
+
+def _settings(cfg_scale, temperature, top_k, top_p) -> dict:
+    return {"guidance": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
+@app.command()
+def generate(
+    run: str = RunOpt,
+    n: int = typer.Option(16, "--n", min=1, help="Images to sample."),
+    label: Optional[str] = ClassOpt,
+    stop_scale: Optional[int] = typer.Option(None, "--stop-scale", min=1,
+                                             help="Stop after this scale: a coarse image at its resolution (fast previews)."),
+    out_png: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write (token ids go to OUT.tokens.npz)."),
+    seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
+    top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Sample images coarse to fine (KV-cached). With --stop-scale, a quick coarse preview whose
+    token ids `c2f refine` continues."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.generate(_config(config, set_), run, n, label, stop_scale, seed, str(out_png),
+                          **_settings(cfg_scale, temperature, top_k, top_p))
+    out.print(f"wrote {res['grid']} ({n} images, {res['resolution']}px, {res['num_tokens']} tokens each) "
+              f"and {res['tokens']}; logged to run {run}")
+
+
+@app.command()
+def refine(
+    run: str = RunOpt,
+    tokens: Path = typer.Option(..., "--tokens", exists=True, dir_okay=False, help="OUT.tokens.npz written by `c2f generate`."),
+    select: Optional[List[int]] = typer.Option(None, "--select", min=0, help="Row of the saved grid to refine (repeatable; default all)."),
+    stop_scale: Optional[int] = typer.Option(None, "--stop-scale", min=1, help="Continue up to this scale (default: the last)."),
+    out_png: Path = typer.Option(Path("refined.png"), "--out", help="PNG grid to write."),
+    seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
+    top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Continue chosen coarse previews to finer scales (their tokens are kept unchanged)."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.refine(_config(config, set_), run, str(tokens), select, stop_scale, seed, str(out_png),
+                        **_settings(cfg_scale, temperature, top_k, top_p))
+    out.print(f"wrote {res['grid']} ({res['resolution']}px) and {res['tokens']}")
+
+
+@app.command()
+def upsample(
+    run: str = RunOpt,
+    image: List[Path] = typer.Option(..., "--image", exists=True, dir_okay=False,
+                                     help="Low-resolution square image, side = model resolution / 2^k (repeatable)."),
+    label: Optional[str] = ClassOpt,
+    out_png: Path = typer.Option(Path("upsampled.png"), "--out", help="PNG grid: inputs (nearest) above outputs."),
+    seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
+    top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Upsample: encode the low-resolution image into the first scales (scale-causal encoder), generate the rest."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.upsample(_config(config, set_), run, [str(p) for p in image], label, seed, str(out_png),
+                          **_settings(cfg_scale, temperature, top_k, top_p))
+    out.print(f"wrote {res['grid']} ({res['input_resolution']}px → {res['resolution']}px)")
+
+
+@app.command()
+def edit(
+    run: str = RunOpt,
+    image: List[Path] = typer.Option(..., "--image", exists=True, dir_okay=False, help="Image to edit (repeatable)."),
+    keep_scales: int = typer.Option(1, "--keep-scales", min=1, help="Coarse scales of the image to keep."),
+    label: Optional[str] = ClassOpt,
+    out_png: Path = typer.Option(Path("edited.png"), "--out", help="PNG grid: input, kept scales, edit."),
+    seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
+    top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Edit: keep the coarse scales of an image and regenerate the finer ones under a new class."""
+    from coarse2fine.pipelines import stages
+
+    res = stages.edit(_config(config, set_), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
+                      **_settings(cfg_scale, temperature, top_k, top_p))
+    out.print(f"wrote {res['grid']} (kept {res['keep_scales']} scale(s))")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         console.print("aborted")
         return 130
-    except (ConfigError, UserError, FileNotFoundError, IncompleteDatasetError, KeyError) as e:
+    except (ConfigError, UserError, FileNotFoundError, IncompleteDatasetError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.print(f"[red]error:[/red] {msg}")
         return 2

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from coarse2fine.evaluate.config import EvaluateConfig, TrackingConfig
-from coarse2fine.train.config import RayConfig, TokenizerConfig, TrainConfig
+from coarse2fine.train.config import GeneratorConfig, RayConfig, TokenizerConfig, TrainConfig
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -27,12 +27,13 @@ class ConfigError(ValueError):
 
 
 class Config(Section):
-    """Sections present so far; the generator section arrives with its stage."""
+    """Every section; each stage receives only its own (plus URIs)."""
 
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -68,24 +69,37 @@ def _one_line(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _load_tree(path: str | Path | None, overrides: list[str]) -> dict:
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section (lists and scalars are replaced, not appended)."""
+    merged = dict(base)
+    for k, v in top.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+Paths = str | Path | list[str | Path] | None
+
+
+def _load_tree(paths: Paths, overrides: list[str]) -> dict:
+    """Files in order (a later file, e.g. an ``infra/`` overlay, overrides an earlier one), then overrides."""
     tree: dict = {}
-    if path is not None:
+    for path in [] if paths is None else paths if isinstance(paths, list) else [paths]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            layer = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(tree, dict):
+        if not isinstance(layer, dict):
             raise ConfigError(f"{p} must hold a mapping of sections")
+        tree = _merge(tree, layer)
     for item in overrides:
         _apply_override(tree, item)
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: Paths, overrides: list[str] | None = None) -> Config:
     """Read YAML (or start empty), apply overrides, validate; raise :class:`ConfigError`."""
     tree = _load_tree(path, overrides or [])
     try:
@@ -94,7 +108,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(_one_line(e)) from e
 
 
-def load_section(path: str | Path | None, overrides: list[str] | None, name: str) -> Section:
+def load_section(path: Paths, overrides: list[str] | None, name: str) -> Section:
     """Only one section (e.g. ``evaluate`` for ``c2f fid``): other sections may be absent."""
     model = Config.model_fields[name].annotation
     tree = _load_tree(path, overrides or [])

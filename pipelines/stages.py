@@ -1,11 +1,13 @@
-"""Stages as plain functions of the typed config (usable from the CLI, and later Prefect tasks).
+"""Stages as plain functions of the typed config (used by the CLI and the Prefect flow).
 
 They pass URIs and MLflow run ids between each other, never arrays.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict
 
 import mlflow
 
@@ -44,6 +46,36 @@ def _find_run(cfg: Config, fp: str) -> str | None:
     return None if runs.empty else str(runs.iloc[0]["run_id"])
 
 
+def _tracked_fit(cfg: Config, kind: str, fp: str, run_name: str, tags: dict[str, str], max_steps: int,
+                 fit_fn) -> dict[str, str]:
+    """The MLflow bookkeeping every trained model shares: a finished run with this fingerprint is
+    reused, a paused or killed one resumed (same run, same Ray run name), otherwise a new run is
+    created. ``fit_fn(logger)`` trains and returns a :class:`train.launch.FitResult`."""
+    run_id = _find_run(cfg, fp)
+    client = mlflow.MlflowClient()
+    old = client.get_run(run_id).data.tags if run_id else {}
+    if old.get("c2f.status") == "finished":
+        log.info("train-%s: reusing finished run %s", kind, run_id)
+        return {"run_id": run_id, "checkpoint": old["c2f.checkpoint"], "reused": "yes"}
+    if run_id is None:
+        with tracking.run(cfg.tracking, run_name=run_name, tags={FINGERPRINT_TAG: fp, "c2f.kind": kind, **tags}) as active:
+            tracking.log_config(cfg.model_dump(mode="json"))
+            run_id = active.info.run_id
+        client.set_terminated(run_id, "RUNNING")
+    else:
+        log.info("train-%s: resuming run %s from its last checkpoint", kind, run_id)
+    try:
+        fit = fit_fn(MlflowLogger(cfg.tracking, run_id))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_tag(run_id, "c2f.checkpoint", fit.checkpoint_uri)
+    finished = fit.steps >= max_steps
+    client.set_tag(run_id, "c2f.status", "finished" if finished else f"paused at step {fit.steps}")
+    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+    return {"run_id": run_id, "checkpoint": fit.checkpoint_uri, "reused": "no", "steps": str(fit.steps)}
+
+
 def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str]:
     """Train (or resume, or reuse when finished) the configured tokenizer; returns run id and checkpoint."""
     from coarse2fine.train.launch import fit_tokenizer
@@ -51,45 +83,32 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str
     images_uri = preprocess(cfg)[0].uris["images"]
     images_fp = schema.read_manifest(images_uri)["fingerprint"]
     fp = tokenizer_fingerprint(cfg, images_fp)
+    tags = {"c2f.method": cfg.tokenizer.method, "c2f.images": images_uri, "c2f.images_fingerprint": images_fp,
+            "c2f.perceptual": PERCEPTUAL_OFF}
     run_name = f"tokenizer-{cfg.tokenizer.method}-{fp}"
-    run_id = _find_run(cfg, fp)
-    client = mlflow.MlflowClient()
-    tags = client.get_run(run_id).data.tags if run_id else {}
-    if tags.get("c2f.status") == "finished":
-        log.info("train-tokenizer: reusing finished run %s", run_id)
-        return {"run_id": run_id, "checkpoint": tags["c2f.checkpoint"], "reused": "yes"}
-    if run_id is None:
-        with tracking.run(cfg.tracking, run_name=run_name, tags={
-            FINGERPRINT_TAG: fp, "c2f.method": cfg.tokenizer.method, "c2f.kind": "tokenizer",
-            "c2f.images": images_uri, "c2f.images_fingerprint": images_fp,
-        }) as active:
-            tracking.log_config(cfg.model_dump(mode="json"))
-            mlflow.set_tag("c2f.perceptual", PERCEPTUAL_OFF)
-            run_id = active.info.run_id
-        client.set_terminated(run_id, "RUNNING")
-    else:
-        log.info("train-tokenizer: resuming run %s from its last checkpoint", run_id)
-    try:
-        fit = fit_tokenizer(images_uri, cfg.tokenizer, cfg.train, cfg.data.resolution,
-                            storage.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray,
-                            MlflowLogger(cfg.tracking, run_id), stop_after)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_tag(run_id, "c2f.checkpoint", fit.checkpoint_uri)
-    finished = fit.steps >= cfg.train.max_steps
-    client.set_tag(run_id, "c2f.status", "finished" if finished else f"paused at step {fit.steps}")
-    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
-    return {"run_id": run_id, "checkpoint": fit.checkpoint_uri, "reused": "no", "steps": str(fit.steps)}
+    return _tracked_fit(cfg, "tokenizer", fp, run_name, tags, cfg.train.max_steps, lambda logger: fit_tokenizer(
+        images_uri, cfg.tokenizer, cfg.train, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"),
+        run_name, cfg.ray, logger, stop_after))
 
 
-def _finished_tokenizer_run(cfg: Config, run_id: str) -> tuple[mlflow.MlflowClient, dict[str, str]]:
-    """The MLflow client and the tags of a finished tokenizer run (KeyError otherwise)."""
+def run_kind(cfg: Config, run_id: str) -> str | None:
+    """``tokenizer`` or ``generator`` (tag ``c2f.kind``) of an MLflow run."""
     tracking.set_store(cfg.tracking)
+    try:
+        return mlflow.MlflowClient().get_run(run_id).data.tags.get("c2f.kind")
+    except mlflow.exceptions.MlflowException as e:
+        raise KeyError(f"no MLflow run {run_id} in {cfg.tracking.uri}") from e
+
+
+def _finished_run(cfg: Config, run_id: str, kind: str = "tokenizer") -> tuple[mlflow.MlflowClient, dict[str, str]]:
+    """The MLflow client and the tags of a finished ``kind`` run (KeyError otherwise)."""
+    if run_kind(cfg, run_id) != kind:
+        raise KeyError(f"MLflow run {run_id} is a {run_kind(cfg, run_id)} run, not a {kind} run")
     client = mlflow.MlflowClient()
     tags = client.get_run(run_id).data.tags
-    if tags.get("c2f.status") != "finished":
-        raise KeyError(f"MLflow run {run_id} is not a finished tokenizer run (status: {tags.get('c2f.status')})")
+    if tags.get("c2f.kind") != kind or tags.get("c2f.status") != "finished":
+        raise KeyError(f"MLflow run {run_id} is not a finished {kind} run "
+                       f"(kind: {tags.get('c2f.kind')}, status: {tags.get('c2f.status')})")
     return client, tags
 
 
@@ -97,7 +116,7 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     """Per-resolution reconstruction table of a trained tokenizer, logged into its MLflow run."""
     from coarse2fine.evaluate.tokenizer_eval import evaluate_checkpoint
 
-    client, tags = _finished_tokenizer_run(cfg, run_id)
+    client, tags = _finished_run(cfg, run_id)
     report = evaluate_checkpoint(tags["c2f.checkpoint"], tags["c2f.images"], cfg.evaluate)
     for row in report.rows:
         res = row["resolution"]
@@ -121,7 +140,7 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
     from coarse2fine.train.models import io, sit
     from coarse2fine.train.models.io import load_tokenizer
 
-    client, tags = _finished_tokenizer_run(cfg, run_id)
+    client, tags = _finished_run(cfg, run_id)
     ckpt, images_uri = tags["c2f.checkpoint"], tags["c2f.images"]
     model_cfg = load_tokenizer(ckpt).cfg
     result = run_image_stage(
@@ -132,3 +151,201 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
     )
     client.set_tag(run_id, "c2f.tokens", result.uris["tokens"])
     return result
+
+
+def generator_fingerprint(cfg: Config, model_cfg, tokens_fp: str) -> str:
+    """What determines a trained generator: its model, optimisation, the token data, the code
+    (sampling settings and logging cadence do not)."""
+    from coarse2fine.train import data, launch, sampling, steps
+    from coarse2fine.train.models import arsit
+
+    train = cfg.generator.train.model_dump(exclude={"log_every", "sample_every", "checkpoint_every"})
+    code = storage.code_version(data, launch, steps, sampling, arsit)
+    return storage.fingerprint("generator", {"model": asdict(model_cfg), "train": train}, [tokens_fp], code)
+
+
+def train_generator(cfg: Config, stop_after: int | None = None) -> dict[str, str]:
+    """Train (or resume, or reuse) the configured generator on the tokens of the configured
+    tokenizer (trained and tokenized first when needed)."""
+    from coarse2fine.train.launch import fit_generator
+    from coarse2fine.train.models.arsit import ARSITConfig
+    from coarse2fine.train.models.io import load_tokenizer
+
+    tok = train_tokenizer(cfg)
+    tokens = tokenize(cfg, tok["run_id"])
+    tokens_uri = tokens.uris["tokens"]
+    tok_tags = mlflow.MlflowClient().get_run(tok["run_id"]).data.tags
+    tok_cfg = load_tokenizer(tok["checkpoint"]).cfg
+    classes = schema.read_manifest(tok_tags["c2f.images"]).get("classes") or []
+    model_cfg = ARSITConfig(tok_cfg.num_scales, tok_cfg.tokens_per_scale, tok_cfg.codebook_size, len(classes),
+                            cfg.generator.size, cond_drop_prob=cfg.generator.cond_drop_prob)
+    fp = generator_fingerprint(cfg, model_cfg, schema.read_manifest(tokens_uri)["fingerprint"])
+    run_name = f"generator-{cfg.generator.method}-{fp}"
+    tags = {"c2f.method": cfg.generator.method, "c2f.tokenizer_run": tok["run_id"],
+            "c2f.tokenizer_checkpoint": tok["checkpoint"], "c2f.tokens": tokens_uri,
+            "c2f.images": tok_tags["c2f.images"], "c2f.classes": json.dumps(classes)}
+    return _tracked_fit(cfg, "generator", fp, run_name, tags, cfg.generator.train.max_steps, lambda logger: fit_generator(
+        tokens_uri, model_cfg, cfg.generator.train, tok["checkpoint"], storage.join(cfg.storage.root, "checkpoints"),
+        run_name, cfg.ray, logger, stop_after))
+
+
+def sample_settings(cfg: Config, **overrides):
+    """The generator section's sampling settings with the non-None ``overrides`` applied."""
+    from coarse2fine.train.generate import SampleSettings
+
+    base = {k: getattr(cfg.generator, k) for k in ("guidance", "temperature", "top_k", "top_p")}
+    return SampleSettings(**(base | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
+    """SIT Table 2 / Table 4 in miniature (see ``evaluate/generator_eval.py``), logged into the run."""
+    from coarse2fine.evaluate.generator_eval import evaluate_generator as run_eval
+
+    client, tags = _finished_run(cfg, run_id, "generator")
+    report = run_eval(tags["c2f.checkpoint"], tags["c2f.tokenizer_checkpoint"], tags["c2f.images"], cfg.evaluate,
+                      sample_settings(cfg), cfg.generator.eval_samples, cfg.evaluate.seed)
+    metrics = [mlflow.entities.Metric(f"eval/{k}_stop{row['stop_scale']}", float(v), 0, 0)
+               for row in report.stop_scales for k, v in row.items() if k != "stop_scale" and v == v]
+    metrics += [mlflow.entities.Metric(f"eval/upsample_{k}_from{row['input_resolution']}px", float(v), 0, 0)
+                for row in report.upsampling for k, v in row.items() if k != "input_resolution" and v == v]
+    client.log_batch(run_id, metrics=metrics)
+    if "fid" in report.stop_scales[-1]:
+        client.log_metric(run_id, "fid", float(report.stop_scales[-1]["fid"]))
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_table(report.stop_scales, "eval/stop_scales.json")
+        tracking.log_image_grid(report.samples_grid, "eval/samples_per_stop_scale.png")
+        if report.upsampling:
+            tracking.log_table(report.upsampling, "eval/upsampling.json")
+            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png")
+    return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
+
+
+def _save_grid(images_NCHW, out: str, run_id: str, nrow: int | None = None) -> None:
+    """Write a PNG grid to ``out`` and log it to the run under ``samples/``."""
+    from PIL import Image
+
+    Image.fromarray(tracking.image_grid(images_NCHW, nrow)).save(out)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(out, "samples")
+
+
+def _load_pair(cfg: Config, run_id: str, device):
+    from coarse2fine.train.models.io import load_generator, load_tokenizer
+
+    _, tags = _finished_run(cfg, run_id, "generator")
+    return (load_generator(tags["c2f.checkpoint"], device), load_tokenizer(tags["c2f.tokenizer_checkpoint"], device),
+            json.loads(tags.get("c2f.classes", "[]")))
+
+
+def class_id(label: str | None, classes: list[str], null_class: int) -> int:
+    """A class given by name or index (None = the null class, unconditional)."""
+    if label is None:
+        return null_class
+    if label in classes:
+        return classes.index(label)
+    if label.isdigit() and int(label) < max(len(classes), null_class):
+        return int(label)
+    raise KeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
+
+
+def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: int | None, seed: int, out: str,
+             **settings) -> dict:
+    """Sample ``n`` images (stopped after ``stop_scale``), write the grid PNG and the token ids
+    (``{out}.tokens.npz``, the input of :func:`refine`), log both to the generator's run."""
+    import numpy as np
+    import torch
+
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.generate import generate as sample
+
+    device = resolve_device(cfg.evaluate.device)
+    gen, tok, classes = _load_pair(cfg, run_id, device)
+    cond = torch.full((n,), class_id(label, classes, gen.cfg.null_class), device=device)
+    ids, images = sample(gen, tok, cond, stop_scale, sample_settings(cfg, **settings), seed)
+    tokens_file = f"{out}.tokens.npz"
+    np.savez(tokens_file, ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
+    _save_grid(images.float().cpu().numpy(), out, run_id)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(tokens_file, "samples")
+    return {"grid": out, "tokens": tokens_file, "resolution": images.shape[-1], "num_tokens": ids.shape[1]}
+
+
+def refine(cfg: Config, run_id: str, tokens_file: str, select: list[int] | None, stop_scale: int | None,
+           seed: int, out: str, **settings) -> dict:
+    """Continue saved partial sequences (all, or the ``select``-ed rows) to ``stop_scale``."""
+    import numpy as np
+    import torch
+
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.generate import generate as sample
+
+    device = resolve_device(cfg.evaluate.device)
+    gen, tok, _ = _load_pair(cfg, run_id, device)
+    saved = np.load(tokens_file)
+    rows = select if select else list(range(len(saved["ids"])))
+    if max(rows) >= len(saved["ids"]):
+        raise KeyError(f"{tokens_file} holds {len(saved['ids'])} sequences; --select {max(rows)} is out of range")
+    prefix = torch.from_numpy(saved["ids"][rows]).to(device)
+    cond = torch.from_numpy(saved["classes"][rows]).to(device)
+    ids, images = sample(gen, tok, cond, stop_scale, sample_settings(cfg, **settings), seed, prefix)
+    np.savez(f"{out}.tokens.npz", ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
+    _save_grid(images.float().cpu().numpy(), out, run_id)
+    return {"grid": out, "tokens": f"{out}.tokens.npz", "resolution": images.shape[-1]}
+
+
+def _read_images(paths: list[str], resolution: int | None):
+    """Image files → (B, 3, r, r) in [0, 1]; every file must be square with the same side."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if resolution and im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(im, np.float32).transpose(2, 0, 1) / 255)
+    if len({a.shape for a in arrays}) != 1 or arrays[0].shape[1] != arrays[0].shape[2]:
+        raise ValueError("images must be square and of one size")
+    return torch.from_numpy(np.stack(arrays))
+
+
+def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, seed: int, out: str, **settings) -> dict:
+    """Low-resolution images (side R/2^k) → full resolution; grid rows: input (nearest), output."""
+    import torch
+    import torch.nn.functional as F
+
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.generate import upsample as run_upsample
+
+    device = resolve_device(cfg.evaluate.device)
+    gen, tok, classes = _load_pair(cfg, run_id, device)
+    low = _read_images(images, None).to(device)
+    tok.scales_for(low.shape[-1])  # ValueError when the side is not R/2^k
+    cond = torch.full((len(low),), class_id(label, classes, gen.cfg.null_class), device=device)
+    _, up = run_upsample(gen, tok, low, cond, sample_settings(cfg, **settings), seed)
+    R = up.shape[-1]
+    grid = torch.cat([F.interpolate(low, size=(R, R), mode="nearest"), up]).float().cpu().numpy()
+    _save_grid(grid, out, run_id, nrow=len(low))
+    return {"grid": out, "input_resolution": low.shape[-1], "resolution": R}
+
+
+def edit(cfg: Config, run_id: str, images: list[str], keep_scales: int, label: str | None, seed: int, out: str,
+         **settings) -> dict:
+    """Keep the first scales of each image, regenerate the rest under ``label``; grid rows: input,
+    its kept scales decoded, the edit."""
+    import torch
+    import torch.nn.functional as F
+
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.generate import decode, edit as run_edit, encode_prefix
+
+    device = resolve_device(cfg.evaluate.device)
+    gen, tok, classes = _load_pair(cfg, run_id, device)
+    x = _read_images(images, tok.cfg.resolution).to(device)
+    cond = torch.full((len(x),), class_id(label, classes, gen.cfg.null_class), device=device)
+    _, edited = run_edit(gen, tok, x, keep_scales, cond, sample_settings(cfg, **settings), seed)
+    kept = F.interpolate(decode(tok, encode_prefix(tok, x, keep_scales)), size=x.shape[-2:], mode="nearest")
+    _save_grid(torch.cat([x, kept, edited]).float().cpu().numpy(), out, run_id, nrow=len(x))
+    return {"grid": out, "keep_scales": keep_scales}

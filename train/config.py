@@ -1,12 +1,13 @@
-"""Config sections of tokenizer training (validated on construction; YAML is read elsewhere)."""
+"""Config sections of tokenizer and generator training (validated on construction; YAML is read elsewhere)."""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from coarse2fine.preprocess.config import Section
+from coarse2fine.train.models.arsit import GENERATOR_SIZES
 from coarse2fine.train.models.sit import SITConfig
 
 
@@ -44,24 +45,68 @@ class TokenizerConfig(Section):
                          causal_encoder=self.causal_encoder, causal_decoder=self.causal_decoder, **common)
 
 
-class TrainConfig(Section):
-    """Optimisation (seed B.1: AdamW, warm-up over 10% then cosine, weight decay 1e-4) and Ray Train."""
+class OptimConfig(Section):
+    """Optimisation and Ray Train settings shared by every trained model (AdamW, linear warm-up over
+    ``warmup_frac`` of the steps, then ``schedule``: cosine to 0, or exponential decay to
+    ``final_lr_frac`` · lr at the last step)."""
 
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1, description="per worker")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_frac: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "exponential"] = "cosine"
+    final_lr_frac: float = Field(0.01, gt=0, le=1, description="exponential schedule: lr multiplier at the last step")
     clip_norm: float = Field(1.0, gt=0)
-    adversarial_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1; 0 turns the discriminator off")
-    adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = False
     bf16: bool = Field(True, description="bf16 autocast when on GPU")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
-    sample_every: int = Field(100, ge=1, description="reconstruction grid to MLflow every K steps")
+    sample_every: int = Field(100, ge=1, description="sample grid to MLflow every K steps")
     seed: int = 0
+
+
+class TrainConfig(OptimConfig):
+    """Tokenizer training (seed B.1: AdamW, warm-up over 10% then cosine, weight decay 1e-4), plus
+    the adversarial loss."""
+
+    adversarial_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1; 0 turns the discriminator off")
+    adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
+
+
+class GeneratorTrainConfig(OptimConfig):
+    """AR-SIT training (seed B.2): lr rising linearly to 4.5e-4 over the first 10% of the steps, then
+    exponential decay (the seed gives no rate: ``final_lr_frac``), softmax cross-entropy only."""
+
+    lr: float = Field(4.5e-4, gt=0)
+    schedule: Literal["cosine", "exponential"] = "exponential"
+
+
+class GeneratorConfig(Section):
+    """The generator trained on a tokenizer's ``tokens`` dataset, and its default sampling settings.
+
+    ``method``: ``ar_sit`` (coarse-to-fine AR over SIT tokens). ``size``: see
+    ``train/models/arsit.py`` (``parti-350m`` = seed B.2). ``eval_samples``: generated images per
+    stop scale for the FID table (SIT Table 2 analog).
+    """
+
+    method: Literal["ar_sit"] = "ar_sit"
+    size: str = "tiny"
+    cond_drop_prob: float = Field(0.1, ge=0, lt=1, description="null-class rate in training (CFG; Parti/LlamaGen)")
+    train: GeneratorTrainConfig = Field(default_factory=GeneratorTrainConfig)
+    guidance: float = Field(2.0, ge=0, description="CFG scale used by generate/evaluate; 1 = off")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_samples: int = Field(64, ge=2)
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, v: str) -> str:
+        if v not in GENERATOR_SIZES:
+            raise ValueError(f"unknown generator size {v!r}; choose from {sorted(GENERATOR_SIZES)}")
+        return v
 
 
 class RayConfig(Section):

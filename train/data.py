@@ -1,4 +1,4 @@
-"""Training data from the ``images`` dataset, with a deterministic, resumable batch order.
+"""Training data from the ``images`` and ``tokens`` datasets, with a deterministic, resumable batch order.
 
 Every worker reads the dataset's listed shards (through Ray Data when run under Ray Train), keeps
 the rows of its split sorted by key, takes every ``world``-th one from its rank, and draws batches
@@ -22,6 +22,20 @@ def decode_rows(keys: list[str], images: list[bytes], rank: int, world: int) -> 
     if not order:
         raise ValueError(f"rank {rank} of {world} has no training images")
     return torch.from_numpy(np.stack([schema.decode_image(images[i]) for i in order]))
+
+
+def token_rows(rows: dict[str, list], num_scales: int, null_class: int, rank: int, world: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a ``tokens`` dataset → this rank's sequences (n, S·N) scale-major and labels (n,);
+    a missing label becomes the null class."""
+    order = sorted(range(len(rows["key"])), key=rows["key"].__getitem__)[rank::world]
+    if not order:
+        raise ValueError(f"rank {rank} of {world} has no token sequences")
+    ids = np.stack([np.concatenate([np.asarray(rows[f"ids_{s}"][i]).ravel() for s in range(num_scales)])
+                    for i in order])  # (n, S·N)
+    labels = [rows["label"][i] for i in order]
+    labels = [null_class if lab is None or lab != lab or lab < 0 else int(lab) for lab in labels]
+    return torch.from_numpy(ids.astype(np.int64)), torch.tensor(labels)
 
 
 def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1) -> torch.Tensor:

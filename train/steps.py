@@ -9,15 +9,19 @@ import torch
 from coarse2fine.train.losses import LossWeights, discriminator_hinge, generator_hinge, reconstruction_loss
 
 
-def warmup_cosine(total_steps: int, warmup_frac: float = 0.1):
+def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "cosine",
+                  final_lr_frac: float = 0.01):
     """LR multiplier: linear warm-up over the first ``warmup_frac`` of the steps, then cosine to 0
-    (ViT-VQGAN / SIT protocol, seed B.1)."""
+    (ViT-VQGAN / SIT protocol, seed B.1) or, with ``schedule="exponential"``, exponential decay
+    reaching ``final_lr_frac`` at the last step (AR-SIT, seed B.2)."""
     warmup = max(1, int(total_steps * warmup_frac))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "exponential":
+            return final_lr_frac ** progress
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -70,3 +74,31 @@ def tokenizer_eval_step(model, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torc
     model.eval()
     recon, indices, _, _ = model(x_B3HW)
     return recon.clamp(0, 1), indices
+
+
+def drop_condition(labels_B: torch.Tensor, null_class: int, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null class with probability ``prob`` (classifier-free guidance
+    training, Parti/LlamaGen: 0.1)."""
+    drop = torch.rand(labels_B.shape, generator=generator, device=labels_B.device) < prob
+    return torch.where(drop, torch.full_like(labels_B, null_class), labels_B)
+
+
+def generator_train_step(model, optimizer, scheduler, ids_BL: torch.Tensor, labels_B: torch.Tensor,
+                         clip_norm: float = 1.0) -> dict[str, float]:
+    """One step of softmax cross-entropy on full token sequences (seed B.2: the only loss); the
+    condition is dropped to the null class at the model's ``cond_drop_prob``. Reports the loss per
+    scale (nats/token; chance level is ln V)."""
+    model.train()
+    cfg = unwrap(model).cfg
+    cond = drop_condition(labels_B, cfg.null_class, cfg.cond_drop_prob)
+    logits = model(ids_BL, cond)  # (B, L, V)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids_BL.flatten(), reduction="none")
+    loss = nll.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    scheduler.step()
+    per_scale = nll.detach().view(ids_BL.shape[0], cfg.num_scales, cfg.tokens_per_scale).mean((0, 2))  # (S,)
+    return ({"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
+            | {f"nll/scale_{s}": v for s, v in enumerate(per_scale.tolist())})

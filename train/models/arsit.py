@@ -1,0 +1,196 @@
+"""AR-SIT: the coarse-to-fine autoregressive transformer over SIT tokens (SIT seed §4.2, §5.3, B.2).
+
+The sequence is the tokenizer's ids, scale 1 (coarsest) first, raster order inside a scale; eq. 6:
+token n of scale s is predicted from all tokens of scales < s and tokens < n of scale s. Because
+every scale has its own codebook, the same id means different things at different scales, so the
+model has one token-embedding table and one output head per scale (§4.2).
+
+Conditioning follows the class-conditional practice of LlamaGen/VAR rather than Parti's text
+encoder (the seed conditions on captions through cross-attention; class labels are what our data
+carries): a learned class embedding is the first input position ("start token"), index
+``num_classes`` is the null class used for classifier-free guidance, and training replaces the
+label by the null class with probability ``cond_drop_prob`` (0.1, as Parti/LlamaGen). Conditioning
+enters only through :meth:`ARSIT.condition`, which returns a prefix of embeddings ``(B, P, C)``;
+a text path (P caption embeddings, or cross-attention on them) plugs in there without touching
+the trunk.
+
+Architecture: decoder-only pre-norm GPT (nanoGPT layout) with learnable absolute positions and a
+key/value cache for sampling. Sizes: a DiT-style dict; ``parti-350m`` is the seed's B.2 generator
+(1024 dims, 16 heads, 4096 hidden = ratio 4; the seed's 12 decoder layers — its 12 text-encoder
+layers have no class-conditional counterpart, see above).
+
+Positions: input position 0 is the condition, input position i ≥ 1 is token i-1; the output at
+position i predicts token i. So a model that has seen ``t`` inputs predicts token ``t-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GENERATOR_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"dim": 32, "depth": 2, "heads": 2},
+    "mini": {"dim": 128, "depth": 4, "heads": 4},
+    "small": {"dim": 512, "depth": 8, "heads": 8},
+    "parti-350m": {"dim": 1024, "depth": 12, "heads": 16},
+}
+
+
+@dataclass
+class ARSITConfig:
+    num_scales: int  # S, from the tokenizer
+    tokens_per_scale: int  # N, from the tokenizer
+    codebook_size: int  # V, from the tokenizer (per scale)
+    num_classes: int = 0  # 0 = unconditional (only the null class)
+    size: str = "tiny"
+    mlp_ratio: float = 4.0
+    cond_drop_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.size not in GENERATOR_SIZES:
+            raise ValueError(f"unknown generator size {self.size!r}; choose from {sorted(GENERATOR_SIZES)}")
+        if min(self.num_scales, self.tokens_per_scale, self.codebook_size) < 1 or self.num_classes < 0:
+            raise ValueError("num_scales, tokens_per_scale, codebook_size must be >= 1, num_classes >= 0")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError("cond_drop_prob must be in [0, 1)")
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_scales * self.tokens_per_scale
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+
+class KVCache:
+    """Keys/values of every layer for the input positions seen so far; ``length`` = how many."""
+
+    def __init__(self, depth: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * depth
+        self.v: list[torch.Tensor | None] = [None] * depth
+        self.length = 0
+
+    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k_BhTd = torch.cat([self.k[layer], k_BhTd], dim=2)
+            v_BhTd = torch.cat([self.v[layer], v_BhTd], dim=2)
+        self.k[layer], self.v[layer] = k_BhTd, v_BhTd
+        return k_BhTd, v_BhTd
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm layer: LN → causal self-attention (optionally cached) → residual, LN → MLP → residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        assert dim % heads == 0, "dim must be divisible by heads"
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries at positions past..past+T-1 see keys 0..their own position
+            pos_q = torch.arange(past, past + T, device=x_BTC.device)
+            mask = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x_BTC + self.mlp(self.ln2(x_BTC))
+
+
+class ARSIT(nn.Module):
+    def __init__(self, cfg: ARSITConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = GENERATOR_SIZES[cfg.size]
+        S, V, C = cfg.num_scales, cfg.codebook_size, d["dim"]
+        self.tok_emb = nn.Embedding(S * V, C)  # scale s uses rows s·V … s·V + V - 1 (§4.2)
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row = null class (CFG)
+        self.pos = nn.Parameter(torch.randn(cfg.seq_len, C) * 0.02)
+        self.blocks = nn.ModuleList(CausalBlock(C, d["heads"], cfg.mlp_ratio) for _ in range(d["depth"]))
+        self.ln_f = nn.LayerNorm(C)
+        self.head_w = nn.Parameter(torch.randn(S, C, V) / math.sqrt(C))  # one logit layer per scale (§4.2)
+        self.head_b = nn.Parameter(torch.zeros(S, V))
+        self.register_buffer("_offsets", torch.arange(S) * V, persistent=False)
+
+    def condition(self, cond_B: torch.Tensor) -> torch.Tensor:
+        """Class ids (``num_classes`` = null) → the conditioning prefix (B, P=1, C)."""
+        assert int(cond_B.min()) >= 0 and int(cond_B.max()) <= self.cfg.num_classes, "class id out of range"
+        return self.cls_emb(cond_B)[:, None]
+
+    def _embed_tokens(self, ids_BT: torch.Tensor, first: int) -> torch.Tensor:
+        """Embeddings of tokens ``first … first+T-1`` with their scales' tables (B, T, C)."""
+        scale_T = torch.arange(first, first + ids_BT.shape[1], device=ids_BT.device) // self.cfg.tokens_per_scale
+        return self.tok_emb(ids_BT + self._offsets[scale_T])
+
+    def _trunk(self, x_BTC: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        x_BTC = x_BTC + self.pos[start: start + x_BTC.shape[1]]
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk(x_BTC, cache, i)
+        if cache is not None:
+            cache.length += x_BTC.shape[1]
+        return self.ln_f(x_BTC)
+
+    def _logits(self, h_BTC: torch.Tensor, first: int) -> torch.Tensor:
+        """Per-scale heads for outputs predicting tokens ``first … first+T-1`` → (B, T, V)."""
+        N, T = self.cfg.tokens_per_scale, h_BTC.shape[1]
+        out, t = [], 0
+        while t < T:
+            s = (first + t) // N
+            n = min(T - t, (s + 1) * N - first - t)  # outputs left in scale s
+            out.append(h_BTC[:, t: t + n] @ self.head_w[s] + self.head_b[s])
+            t += n
+        return torch.cat(out, dim=1)
+
+    def forward(self, ids_BT: torch.Tensor, cond_B: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V) of tokens 0…T-1 given the condition and tokens < t."""
+        B, T = ids_BT.shape
+        assert T <= self.cfg.seq_len, f"sequence of {T} tokens, model has {self.cfg.seq_len}"
+        x = torch.cat([self.condition(cond_B), self._embed_tokens(ids_BT[:, : T - 1], 0)], dim=1)  # (B, T, C)
+        return self._logits(self._trunk(x, 0, None), 0)
+
+    def next_logits(self, ids_Bt: torch.Tensor, cond_B: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, V) of token t = ``ids_Bt.shape[1]``. With a cache, only inputs it has not seen
+        are run (the whole prefix on the first call, then one token per call)."""
+        t = ids_Bt.shape[1]
+        assert t < self.cfg.seq_len, "the sequence is complete"
+        seen = cache.length if cache is not None else 0
+        parts = []
+        if seen == 0:
+            parts.append(self.condition(cond_B))
+            seen = 1
+        if t >= seen:  # input position i holds token i-1
+            parts.append(self._embed_tokens(ids_Bt[:, seen - 1: t], seen - 1))
+        start = cache.length if cache is not None else 0
+        h = self._trunk(torch.cat(parts, dim=1), start, cache)
+        return self._logits(h[:, -1:], t)[:, 0]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks))
+
+
+def build_generator(cfg: ARSITConfig) -> ARSIT:
+    """The one builder (weights: GPT-2/nanoGPT init of linear and embedding layers, std 0.02)."""
+    model = ARSIT(cfg)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
