@@ -114,3 +114,63 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert sorted(set(steps)) == list(range(400))
     assert steps.count(0) == 1  # the second invocation did not start again from step 0
     assert mlflow.get_run(run.info.run_id).data.tags["c2f.status"] == "finished"
+
+
+def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
+    """AR-SIT through the CLI: train-generator (tokenizer + tokens first), resume after a pause,
+    reuse; previews → refine; upsample; edit; the Table 2/4 evaluation logged to MLflow."""
+    import ray
+    from PIL import Image
+
+    from coarse2fine.preprocess.demo_data import demo_crops
+
+    try:
+        assert main(["demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]) == 0
+        assert main(["train-generator", "--stop-after", "3", *sets(tmp_path)]) == 0
+        run_id = capsys.readouterr().out.split("generator run ")[1].split()[0]
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        assert mlflow.get_run(run_id).data.tags["c2f.status"] == "paused at step 3"
+        assert main(["train-generator", *sets(tmp_path)]) == 0
+        assert capsys.readouterr().out.split("generator run ")[1].split()[0] == run_id
+        tags = mlflow.get_run(run_id).data.tags
+        assert tags["c2f.status"] == "finished" and tags["c2f.kind"] == "generator"
+        steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")]
+        assert sorted(set(steps)) == list(range(6)) and steps.count(0) == 1
+        assert main(["train-generator", *sets(tmp_path)]) == 0
+        assert "(reused)" in capsys.readouterr().out
+
+        prev = tmp_path / "prev.png"
+        assert main(["generate", "--run", run_id, "--n", "3", "--stop-scale", "1", "--class", "0",
+                     "--out", str(prev), *sets(tmp_path)]) == 0
+        assert Image.open(prev).size == (2 * 8 + 3 * 2,) * 2  # 2x2 grid of 8px previews, 2px padding
+        assert main(["refine", "--run", run_id, "--tokens", f"{prev}.tokens.npz", "--select", "2",
+                     "--out", str(tmp_path / "ref.png"), *sets(tmp_path)]) == 0
+        import numpy as np
+        coarse, refined = np.load(f"{prev}.tokens.npz")["ids"], np.load(tmp_path / "ref.png.tokens.npz")["ids"]
+        assert refined.shape == (1, 12) and (refined[0, :4] == coarse[2]).all()
+
+        _, crop = next(demo_crops(1, 32, 5))
+        crop.resize((16, 16)).save(tmp_path / "low.png")
+        crop.save(tmp_path / "full.png")
+        assert main(["upsample", "--run", run_id, "--image", str(tmp_path / "low.png"),
+                     "--out", str(tmp_path / "up.png"), *sets(tmp_path)]) == 0
+        assert main(["edit", "--run", run_id, "--image", str(tmp_path / "full.png"), "--keep-scales", "1",
+                     "--class", "1", "--out", str(tmp_path / "ed.png"), *sets(tmp_path)]) == 0
+        assert main(["generate", "--run", run_id, "--class", "no-such-class", *sets(tmp_path)]) == 2
+        assert main(["generate", "--run", tags["c2f.tokenizer_run"], *sets(tmp_path)]) == 2
+        capsys.readouterr()
+
+        assert main(["evaluate", "--run", run_id, *sets(tmp_path)]) == 0
+        assert "stop_scales" in capsys.readouterr().out
+        metrics = mlflow.get_run(run_id).data.metrics
+        for s, res in ((1, 8), (2, 16), (3, 32)):
+            assert metrics[f"eval/resolution_stop{s}"] == res and f"eval/fid_stop{s}" in metrics
+            assert metrics[f"eval/images_per_s_stop{s}"] > 0
+        assert metrics["eval/kv_cache_kib_per_image_stop3"] == 3 * metrics["eval/kv_cache_kib_per_image_stop1"]
+        assert "eval/upsample_psnr_from8px" in metrics and "fid" in metrics
+        arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
+        assert {"eval/stop_scales.json", "eval/samples_per_stop_scale.png", "eval/upsampling.png"} <= arts
+        samples = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")}
+        assert {"samples/prev.png", "samples/prev.png.tokens.npz", "samples/up.png", "samples/ed.png"} <= samples
+    finally:
+        ray.shutdown()

@@ -1,0 +1,169 @@
+"""AR-SIT: KV cache, causality, prefixes, CFG, condition dropout, and that a tiny model learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from coarse2fine.train.generate import SampleSettings, decode, edit, encode_prefix, generate, upsample
+from coarse2fine.train.models.arsit import ARSITConfig, build_generator
+from coarse2fine.train.models.sit import SITConfig, build_tokenizer
+from coarse2fine.train.sampling import filter_logits, guided_logits, sample_tokens
+from coarse2fine.train.steps import drop_condition, generator_train_step, warmup_cosine
+
+S, N, V, C = 3, 4, 16, 3
+
+
+def model(seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_generator(ARSITConfig(S, N, V, num_classes=C, **kw)).double().eval()
+
+
+def pair():
+    torch.manual_seed(1)
+    tok = build_tokenizer(SITConfig(resolution=32, num_scales=S, tokens_per_scale=N, codebook_size=V, size="tiny")).eval()
+    return model(), tok
+
+
+@pytest.mark.parametrize("guidance,top_k,top_p", [(1.0, 0, 1.0), (3.0, 5, 1.0), (2.0, 0, 0.8)])
+def test_kv_cache_gives_the_same_tokens(guidance, top_k, top_p):
+    m, cond = model(), torch.tensor([0, 1, 2, C])
+    runs = [sample_tokens(m, cond, S * N, guidance=guidance, top_k=top_k, top_p=top_p,
+                          generator=torch.Generator().manual_seed(7), use_cache=cache) for cache in (True, False)]
+    assert torch.equal(*runs)
+    # and the cached per-step logits equal teacher forcing on the finished sequence
+    ids, cache, full = runs[0], m.new_cache(), m(runs[0], cond)
+    for t in range(S * N):
+        torch.testing.assert_close(m.next_logits(ids[:, :t], cond, cache), full[:, t], rtol=1e-9, atol=1e-9)
+
+
+def test_logits_at_t_ignore_later_tokens():
+    m, cond = model(), torch.tensor([1, 2])
+    ids = torch.randint(0, V, (2, S * N))
+    base = m(ids, cond)
+    for t in range(S * N):
+        changed = ids.clone()
+        changed[:, t:] = torch.randint(0, V, changed[:, t:].shape)
+        torch.testing.assert_close(m(changed, cond)[:, : t + 1], base[:, : t + 1])
+        if t + 1 < S * N and not torch.equal(changed[:, t], ids[:, t]):
+            assert not torch.allclose(m(changed, cond)[:, t + 1:], base[:, t + 1:])
+
+
+def test_same_id_means_different_things_per_scale():
+    m = model()
+    ids = torch.zeros(1, S * N, dtype=torch.long)  # id 0 at every scale
+    emb = m._embed_tokens(ids, 0)[0]  # (L, C)
+    assert not torch.allclose(emb[0], emb[N]) and not torch.allclose(emb[N], emb[2 * N])
+    assert torch.allclose(emb[0], emb[1])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prefix_is_never_altered(use_cache):
+    m, cond = model(), torch.tensor([0, 2, C])
+    prefix = torch.randint(0, V, (3, N + 1))  # ends mid-scale on purpose
+    out = sample_tokens(m, cond, S * N, prefix, guidance=2.0, generator=torch.Generator().manual_seed(0),
+                        use_cache=use_cache)
+    assert torch.equal(out[:, : N + 1], prefix) and out.shape == (3, S * N)
+
+
+def test_upsample_and_edit_keep_the_given_scales():
+    gen, tok = pair()
+    x = torch.rand(2, 3, 32, 32)
+    cond, st = torch.tensor([0, 1]), SampleSettings(guidance=2.0)
+    low = torch.nn.functional.avg_pool2d(x, 2)  # 16px: the first two scales
+    ids, images = upsample(gen, tok, low, cond, st, seed=0)
+    assert torch.equal(ids[:, : 2 * N], encode_prefix(tok, low)) and images.shape == (2, 3, 32, 32)
+    ids, _ = edit(gen, tok, x, 1, cond, st, seed=0)
+    assert torch.equal(ids[:, :N], encode_prefix(tok, x, 1))
+    # scale-causal encoder: the kept coarse tokens of the full image are those of its 2^k average
+    assert torch.equal(encode_prefix(tok, x, 2), encode_prefix(tok, low))
+
+
+def test_early_stop_decodes_a_coarse_image_and_is_a_prefix_of_the_full_sample():
+    gen, tok = pair()
+    cond = torch.tensor([0, 1, 2])
+    coarse_ids, coarse = generate(gen, tok, cond, 1, SampleSettings(), seed=3)
+    full_ids, full = generate(gen, tok, cond, None, SampleSettings(), seed=3)
+    assert coarse.shape == (3, 3, 8, 8) and full.shape == (3, 3, 32, 32)
+    assert torch.equal(full_ids[:, :N], coarse_ids)
+    torch.testing.assert_close(decode(tok, coarse_ids), coarse)
+    with pytest.raises(ValueError, match="stop scale"):
+        generate(gen, tok, cond, S + 1, SampleSettings(), seed=0)
+
+
+def test_dense_tokenizers_are_refused_where_scale_causality_is_needed():
+    gen, _ = pair()
+    dense = build_tokenizer(SITConfig(resolution=32, num_scales=S, tokens_per_scale=N, codebook_size=V,
+                                      causal_encoder=False, causal_decoder=False)).eval()
+    with pytest.raises(ValueError, match="scale-causal encoder"):
+        encode_prefix(dense, torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="scale-causal decoder"):
+        generate(gen, dense, torch.tensor([0]), 1, SampleSettings(), seed=0)
+
+
+def test_cfg_scale_one_is_the_conditional_model():
+    m, cond = model(), torch.tensor([0, 1, 2])
+    ids = torch.randint(0, V, (3, 5))
+    c = m.next_logits(ids, cond)
+    u = m.next_logits(ids, torch.full_like(cond, C))
+    torch.testing.assert_close(guided_logits(c, u, 1.0), c)
+    assert not torch.allclose(guided_logits(c, u, 3.0), c)
+    # sampling with guidance exactly 1 runs no unconditional pass and equals plain conditional sampling
+    a = sample_tokens(m, cond, S * N, guidance=1.0, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(3, 0, dtype=torch.long)
+    for _ in range(S * N):
+        ids = torch.cat([ids, torch.multinomial(m.next_logits(ids, cond).softmax(-1), 1, generator=g)], 1)
+    assert torch.equal(a, ids)
+
+
+def test_null_class_rate_in_training():
+    labels = torch.zeros(200_000, dtype=torch.long)
+    dropped = drop_condition(labels, C, 0.1, torch.Generator().manual_seed(0))
+    rate = (dropped == C).float().mean().item()
+    assert abs(rate - 0.1) < 0.004  # 6 sigma of a binomial(200k, 0.1)
+    assert set(dropped.unique().tolist()) == {0, C}
+    assert model().cfg.cond_drop_prob == 0.1  # the seed's / Parti's default
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, V), p=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
+def test_top_k_top_p_keep_the_most_likely_tokens(k, p, seed):
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(seed))
+    kept = torch.isfinite(filter_logits(logits, top_k=k))
+    assert (kept.sum(-1) == k).all()
+    kept_p = torch.isfinite(filter_logits(logits, top_p=p))
+    probs = logits.softmax(-1)
+    for b in range(2):
+        mass = probs[b][kept_p[b]].sum()
+        assert mass >= p - 1e-6  # enough mass…
+        assert mass - probs[b][kept_p[b]].min() < p + 1e-6  # …and minimal: dropping the least likely falls short
+        dropped = probs[b][~kept_p[b]]
+        assert dropped.numel() == 0 or probs[b][kept_p[b]].min() >= dropped.max()
+
+
+def test_exponential_schedule_reaches_its_final_fraction():
+    f = warmup_cosine(100, 0.1, "exponential", 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(0.01) and f(55) == pytest.approx(0.1)
+
+
+def test_a_tiny_model_learns_its_sequences_on_cpu():
+    """Four class-labelled sequences: per-token NLL falls far below chance (ln V) and top-1
+    sampling under each class reproduces its sequence."""
+    torch.manual_seed(0)
+    m = build_generator(ARSITConfig(S, N, V, num_classes=4, size="tiny", cond_drop_prob=0.1))
+    data = torch.randint(0, V, (4, S * N))
+    labels = torch.arange(4)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(300, 0.05))
+    first = generator_train_step(m, opt, sched, data, labels)["loss"]
+    for _ in range(299):
+        last = generator_train_step(m, opt, sched, data, labels)
+    assert first > 0.8 * math.log(V) and last["loss"] < 0.1 * math.log(V)
+    assert all(k in last for k in ("nll/scale_0", "nll/scale_2", "grad_norm", "lr"))
+    out = sample_tokens(m, labels, S * N, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, data)
