@@ -239,8 +239,8 @@ def fit(
 
     ray_cfg = ray_cfg or RayConfig()
     if not ray.is_initialized():
-        ray.init(address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address=ray_cfg.address, num_cpus=None if ray_cfg.address else ray_cfg.num_cpus,  # a cluster refuses num_cpus
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     storage_fs, storage_path = ray_storage(checkpoints_root)
     data_fs, _ = ray_storage(dataset_uri)
     shards = [u if data_fs is None else schema.url_to_fs(u)[1] for u in schema.shard_uris(dataset_uri)]
