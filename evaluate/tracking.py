@@ -41,8 +41,14 @@ def set_store(tracking: TrackingConfig) -> None:
 
 
 def configure(tracking: TrackingConfig) -> str:
-    """Point MLflow at the configured store and experiment (created if new); returns its id."""
+    """Point MLflow at the configured store and experiment (created if new); returns its id.
+
+    With a sqlite store a new experiment keeps its artifacts in ``mlartifacts/`` beside the
+    database file (MLflow's default, ``./mlruns``, depends on the working directory)."""
     set_store(tracking)
+    if tracking.uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(tracking.experiment) is None:
+        artifacts = Path(tracking.uri[len("sqlite:///"):]).parent / "mlartifacts"
+        mlflow.create_experiment(tracking.experiment, artifact_location=artifacts.as_uri())
     return mlflow.set_experiment(tracking.experiment).experiment_id
 
 

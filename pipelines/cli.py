@@ -57,20 +57,15 @@ def _print_table(title: str, columns: list[str], rows, float_fmt: str) -> None:
 
 @app.command("demo-data")
 def demo_data(
-    out_dir: Path = typer.Option(..., "--out", help="Folder to write PNG files into (one sub-folder per photo)."),
+    out_dir: str = typer.Option(..., "--out", help="Folder (any fsspec URI) to write PNG files into (one sub-folder per photo)."),
     n: int = typer.Option(200, "--n", min=1, help="Number of crops."),
     resolution: int = typer.Option(64, "--resolution", min=8, help="Side of the square crops in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
 ) -> None:
     """Write N seeded random crops of the photographs bundled in scikit-image / scikit-learn."""
-    from tqdm import tqdm
+    from coarse2fine.preprocess.demo_data import write_demo_folder
 
-    from coarse2fine.preprocess.demo_data import demo_crops
-
-    for i, (name, crop) in enumerate(tqdm(demo_crops(n, resolution, seed), total=n, desc="demo-data", unit="img")):
-        folder = out_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        crop.save(folder / f"{i:06d}.png")
+    write_demo_folder(out_dir, n, resolution, seed)
     out.print(f"wrote {n} PNG files to {out_dir}")
 
 
@@ -100,32 +95,28 @@ def preprocess(config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str
 
 
 @app.command()
-def demo(
-    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", "-c", help="Config to run."),
+def run(
+    config: Optional[List[Path]] = typer.Option(None, "--config", "-c", help="YAML config (default configs/demo.yaml); "
+                                                "repeat to layer overlays."),
     set_: Optional[List[str]] = SetOpt,
-    n: int = typer.Option(200, "--n", min=1, help="Demo images to create when data.source is empty."),
+    demo_images: int = typer.Option(0, "--demo-images", min=0,
+                                    help="Fill an empty data.source with this many demo photographs first."),
 ) -> None:
-    """The main job on the embedded default: demo images (if missing) → preprocess → train the
-    tokenizer → evaluate it; finished stages are reused on a re-run."""
-    from coarse2fine.pipelines import stages
-    from coarse2fine.preprocess.storage import url_to_fs
+    """Run the whole pipeline, the Prefect flow `full-pipeline`: preprocess → train tokenizer →
+    evaluate → tokenize → train generator → evaluate. Finished stages are reused, interrupted
+    training resumes. Uses a temporary local Prefect API unless PREFECT_API_URL names a server."""
+    from coarse2fine.pipelines.flows import format_summary, full_pipeline
 
-    cfg = _config(config, set_)
-    fs, path = url_to_fs(cfg.data.source)
-    if not fs.exists(path) or not fs.ls(path):
-        demo_data(Path(path), n, cfg.data.resolution, 0)
+    paths = [str(p) for p in (config or [Path("configs/demo.yaml")])]
+    cfg = _config([Path(p) for p in paths], set_)  # fail fast, with one line, before Prefect starts
     t0 = time.time()
-    results = _run_preprocess(cfg)
-    tok = stages.train_tokenizer(cfg)
-    rows = stages.evaluate_tokenizer(cfg, tok["run_id"])
-    out.print(f"\n[bold]done in {time.time() - t0:.0f}s[/bold]")
-    out.print(f"tokenizer ({cfg.tokenizer.method}) MLflow run {tok['run_id']} in {cfg.tracking.uri}, "
-              f"experiment {cfg.tracking.experiment}")
-    out.print("reconstruction: " + "; ".join(
-        f"{r['resolution']}px PSNR {r['psnr']:.2f} dB, rFID {r.get('rfid', float('nan')):.1f}" for r in rows))
-    out.print(f"sample grid: MLflow artifact eval/reconstructions.png (mlflow ui --backend-store-uri {cfg.tracking.uri})")
-    out.print(f"inspect a dataset row: c2f inspect {results[-1].uris['decomposition']} --key <key> --png row.png")
-    out.print(f"compare runs: c2f compare --experiment {cfg.tracking.experiment} --metric psnr --metric rfid")
+    state = full_pipeline(config=paths, overrides=set_ or [], demo_images=demo_images, return_state=True)
+    if not state.is_completed():
+        raise UserError(f"flow run {state.name}: {state.message}")
+    out.print(format_summary(state.result()), soft_wrap=True)
+    out.print(f"[bold]done in {time.time() - t0:.0f}s[/bold]")
+    out.print("inspect a dataset: c2f inspect URI [--key KEY --png row.png], or duckdb/polars on URI/*.parquet", soft_wrap=True)
+    out.print(f"compare runs: c2f compare --experiment {cfg.tracking.experiment} --metric psnr --metric fid")
 
 
 @app.command()
@@ -233,15 +224,11 @@ def evaluate(
     upsampling PSNR/FID (SIT Tables 2 and 4 in miniature)."""
     from coarse2fine.pipelines import stages
 
-    cfg = _config(config, set_)
-    if stages.run_kind(cfg, run) == "generator":
-        report = stages.evaluate_generator(cfg, run)
-        for name, rows in report.items():
-            if rows:
-                _print_table(f"{name}, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
-        return
-    rows = stages.evaluate_tokenizer(cfg, run)
-    _print_table(f"reconstruction, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
+    report = stages.evaluate(_config(config, set_), run)
+    tables = report if isinstance(report, dict) else {"reconstruction": report}
+    for name, rows in tables.items():
+        if rows:
+            _print_table(f"{name}, run {run}", list(rows[0]), (r.values() for r in rows), "{:.4g}")
 
 
 @app.command("train-generator")

@@ -20,6 +20,7 @@ from coarse2fine.train.losses import PERCEPTUAL_OFF
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "c2f.fingerprint"
+EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
 
 
 def preprocess(cfg: Config) -> list[StageResult]:
@@ -131,6 +132,7 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, "eval/per_resolution.json")
         tracking.log_image_grid(report.grid, "eval/reconstructions.png")
+    client.set_tag(run_id, EVALUATED_TAG, evaluation_fingerprint(cfg, "tokenizer"))
     return report.rows
 
 
@@ -217,7 +219,47 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
             tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png")
+    client.set_tag(run_id, EVALUATED_TAG, evaluation_fingerprint(cfg, "generator"))
     return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
+
+
+def evaluation_fingerprint(cfg: Config, kind: str) -> str:
+    """The evaluation protocol of a run kind (the generator's also depends on its sampling settings)."""
+    from coarse2fine.evaluate import fid, generator_eval, metrics, tokenizer_eval
+
+    settings = cfg.evaluate.model_dump(exclude={"device"})
+    if kind == "generator":
+        settings |= {"sampling": asdict(sample_settings(cfg)), "eval_samples": cfg.generator.eval_samples}
+    return storage.fingerprint(f"evaluate-{kind}", settings, [],
+                               storage.code_version(fid, generator_eval, metrics, tokenizer_eval))
+
+
+def evaluation_done(cfg: Config, run_id: str) -> bool:
+    """Whether the run already holds an evaluation with this config's protocol."""
+    kind = run_kind(cfg, run_id)
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    return tags.get(EVALUATED_TAG) == evaluation_fingerprint(cfg, kind)
+
+
+def evaluate(cfg: Config, run_id: str):
+    """Evaluate a finished tokenizer or generator run (by its ``c2f.kind`` tag)."""
+    if run_kind(cfg, run_id) == "generator":
+        return evaluate_generator(cfg, run_id)
+    return evaluate_tokenizer(cfg, run_id)
+
+
+SUMMARY_METRICS = ("psnr", "ssim", "rfid", "fid")
+GRIDS = {"tokenizer": ("eval/reconstructions.png",),
+         "generator": ("eval/samples_per_stop_scale.png", "eval/upsampling.png")}
+
+
+def run_summary(cfg: Config, run_id: str) -> dict:
+    """Kind, key metrics and sample-grid locations of a run (for the end-of-flow report)."""
+    kind = run_kind(cfg, run_id)
+    run = mlflow.MlflowClient().get_run(run_id)
+    grids = [f"{run.info.artifact_uri}/{g}" for g in GRIDS.get(kind, ())]
+    return {"kind": kind, "run_id": run_id, "grids": grids,
+            "metrics": {k: run.data.metrics[k] for k in SUMMARY_METRICS if k in run.data.metrics}}
 
 
 def _save_grid(images_NCHW, out: str, run_id: str, nrow: int | None = None) -> None:

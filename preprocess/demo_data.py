@@ -48,3 +48,17 @@ def demo_crops(n: int, resolution: int, seed: int) -> Iterator[tuple[str, Image.
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         crop = Image.fromarray(a[top : top + side, left : left + side]).convert("RGB")
         yield name, crop.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def write_demo_folder(uri: str, n: int, resolution: int, seed: int = 0) -> None:
+    """Write ``n`` crops as PNG files under ``uri`` (any fsspec URI), one sub-folder per photograph
+    (= class), the layout a user's image folder has."""
+    from tqdm import tqdm
+
+    from coarse2fine.preprocess.storage import url_to_fs
+
+    fs, root = url_to_fs(uri)
+    for i, (name, crop) in enumerate(tqdm(demo_crops(n, resolution, seed), total=n, desc="demo-data", unit="img")):
+        fs.makedirs(f"{root}/{name}", exist_ok=True)
+        with fs.open(f"{root}/{name}/{i:06d}.png", "wb") as f:
+            crop.save(f, format="PNG")
