@@ -120,6 +120,34 @@ def run(
 
 
 @app.command()
+def deploy(
+    prefect_file: Path = typer.Option(Path("infra/prefect.yaml"), "--prefect-file", exists=True, dir_okay=False,
+                                      help="Deployments to create."),
+    pool: str = typer.Option("c2f-process", "--pool", help="Process work pool (created if missing)."),
+    workdir: Path = typer.Option(Path("."), "--workdir", file_okay=False,
+                                 help="Folder the deployment's runs start in (relative config paths resolve there)."),
+    name: Optional[List[str]] = typer.Option(None, "--name", help="Deploy only this deployment (repeatable)."),
+) -> None:
+    """Create the work pool and the deployments (full-pipeline/demo, full-pipeline/nightly-retrain)
+    on the Prefect server named by PREFECT_API_URL; then start a worker with
+    `prefect worker start --pool c2f-process` and run `prefect deployment run full-pipeline/demo`."""
+    import os
+    import subprocess
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError("PREFECT_API_URL is not set: start a server (prefect server start) and export "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = os.environ | {"C2F_WORKDIR": str(workdir.resolve())}
+    subprocess.run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    targets = [a for n in name for a in ("--name", n)] if name else ["--all"]
+    subprocess.run([prefect, "--no-prompt", "deploy", *targets, "--pool", pool, "--prefect-file", str(prefect_file)],
+                   check=True, env=env)
+    out.print(f"work pool {pool} and deployments ready; runs start in {workdir.resolve()}")
+
+
+@app.command()
 def inspect(
     uri: str = typer.Argument(..., help="Dataset URI or path (a folder holding _manifest.json)."),
     key: Optional[str] = typer.Option(None, "--key", help="Row key (or a unique prefix) to render."),

@@ -112,7 +112,7 @@ def evaluate_task(cfg: Config, run_id: str) -> dict[str, Any]:
 
 @flow(name="full-pipeline")
 def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list[str] | None = None,
-                  demo_images: int = 0) -> dict[str, Any]:
+                  demo_images: int = 0, retrain: bool = False) -> dict[str, Any]:
     """Run every stage for one config (YAML path(s), later files override earlier ones, then
     ``dotted.key=value`` overrides). ``demo_images > 0`` fills an empty ``data.source`` with demo
     photographs first. Returns (and prints) datasets with row counts, MLflow runs with their key
