@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -113,10 +114,10 @@ class _WriteShards(beam.PTransform):
         )
 
 
-def _finish(uri: str, run_id: str, table_schema, **manifest) -> dict:
-    """List the shards a run wrote (an empty shard if none, so empty datasets stay readable),
-    then write the manifest last."""
-    shards = storage.list_shards(uri, run_id)
+def _finish(uri: str, run_id: str, table_schema, carried: list[dict] | None = None, **manifest) -> dict:
+    """List the shards a run wrote plus any ``carried`` over (an empty shard if none, so empty
+    datasets stay readable), then write the manifest last."""
+    shards = (carried or []) + storage.list_shards(uri, run_id)
     if not shards:
         shards = [storage.write_shard(uri, storage.shard_name(run_id, 0), table_schema.empty_table())]
     return storage.write_manifest(uri, shards=shards, **manifest)
@@ -239,12 +240,65 @@ def _rejected(source_uri: str, error: str, detail: str) -> tuple[str, dict]:
     return source_uri, {"source_uri": source_uri, "stage": "ingest", "error": error, "detail": detail}
 
 
-def _keep_first(key: str, rows: Iterable[dict]) -> tuple[str, dict]:
-    """Deduplicate: keep the row with the smallest source URI, count the others."""
+def _keep_first(key: str, rows: Iterable[dict], known: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict]]:
+    """Deduplicate: keep the row with the smallest source URI, count the others; an image already
+    in the carried-over rows (``known`` keys) is a duplicate as a whole."""
     rows = sorted(rows, key=lambda r: r["source_uri"])
-    if len(rows) > 1:
-        Metrics.counter("ingest", "duplicates").inc(len(rows) - 1)
-    return key, rows[0]
+    dropped = len(rows) if key in known else len(rows) - 1
+    if dropped:
+        Metrics.counter("ingest", "duplicates").inc(dropped)
+    if key not in known:
+        yield key, rows[0]
+
+
+LISTING_FILE = "_listing.parquet"  # every (input uri, size) an ingest saw, written before its manifest
+
+
+@dataclass(frozen=True)
+class PreviousIngest:
+    """A complete earlier ingest whose rows a new ingest carries over (only new inputs are read)."""
+
+    images_uri: str
+    rejected_uri: str
+    manifest: dict
+    seen: frozenset[tuple[str, int]]
+
+
+def _write_listing(images_uri: str, listing: SourceListing) -> None:
+    table = pa.table({"uri": [u for u, _ in listing.entries], "size": [n for _, n in listing.entries]})
+    storage.write_shard(images_uri, LISTING_FILE, table)
+
+
+def previous_ingest(store: StorageConfig, config: dict, listing: SourceListing, code: str) -> PreviousIngest | None:
+    """The latest complete ingest with the same data config, code and classes whose inputs are all
+    still listed unchanged (an append-only source, e.g. nightly uploads); None when there is none."""
+    fs, root = storage.url_to_fs(storage.join(store.root, "images"))
+    same = json.loads(json.dumps({k: v for k, v in config.items() if k != "listing"}, default=str))
+    entries = {(u, n) for u, n in listing.entries}
+    best = None
+    for path in fs.glob(posixpath.join(root, "*", schema.MANIFEST)):
+        uri = storage.join(store.root, "images", posixpath.basename(posixpath.dirname(path)))
+        m = schema.read_manifest(uri)
+        old = {k: v for k, v in m["config"].items() if k != "listing"}
+        if old != same or m["code_version"] != code or m.get("classes") != listing.classes:
+            continue
+        if not fs.exists(posixpath.join(posixpath.dirname(path), LISTING_FILE)):
+            continue
+        t = storage.read_shard(storage.join(uri, LISTING_FILE))
+        seen = frozenset(zip(t.column("uri").to_pylist(), t.column("size").to_pylist()))
+        rejected_uri = storage.join(store.root, "rejected", m["fingerprint"])
+        if seen <= entries and schema.read_manifest(rejected_uri) and (best is None or m["created"] > best.manifest["created"]):
+            best = PreviousIngest(uri, rejected_uri, m, seen)
+    return best
+
+
+def _carry_shards(old_uri: str, new_uri: str, manifest: dict) -> list[dict]:
+    """Copy a complete dataset's listed shards into a new dataset folder; their manifest entries."""
+    fs, old = storage.url_to_fs(old_uri)
+    _, new = storage.url_to_fs(new_uri)
+    for shard in manifest["shards"]:
+        fs.copy(posixpath.join(old, shard["name"]), posixpath.join(new, shard["name"]))
+    return manifest["shards"]
 
 
 def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> StageResult:
@@ -269,25 +323,32 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     for uri in (images_uri, rejected_uri):
         storage.prepare_empty(uri)
     run_id = storage.new_run_id()
-    n_shards = _num_shards(listing.num_inputs, pre)
-    log.info("ingest: %d inputs from %s -> %s (%d shards)", listing.num_inputs, data.source, images_uri, n_shards)
+    prev = previous_ingest(store, config, listing, code)
+    entries = [(u, n) for u, n in listing.entries if prev is None or (u, n) not in prev.seen]
+    known = frozenset() if prev is None else frozenset(schema.read_table(prev.images_uri, ["key"]).column("key").to_pylist())
+    new_inputs = len(entries) if listing.kind == "files" else sum(n for _, n in entries)
+    n_shards = _num_shards(new_inputs, pre)
+    if prev is not None:
+        log.info("ingest: carrying over %d images of %s; reading only the %d new inputs",
+                 prev.manifest["rows"], prev.images_uri, new_inputs)
+    log.info("ingest: %d inputs from %s -> %s (%d shards)", new_inputs, data.source, images_uri, n_shards)
 
     p = make_pipeline(pre)
     if listing.kind == "files":
         items = p | "ListFiles" >> beam.Create(
-            [(uri, listing.labels[uri], None) for uri, _ in listing.entries], reshuffle=True
+            [(uri, listing.labels[uri], None) for uri, _ in entries], reshuffle=True
         )
     else:
         items = (
             p
-            | "ListParquet" >> beam.Create([uri for uri, _ in listing.entries])
+            | "ListParquet" >> beam.Create([uri for uri, _ in entries])
             | "ReadRows" >> beam.FlatMap(_parquet_rows, data)
         )
     out = items | "Normalise" >> beam.ParDo(_Normalise(data)).with_outputs("rejected", main="ok")
     (
         out.ok
         | "ByKey" >> beam.GroupByKey()
-        | "Dedupe" >> beam.MapTuple(_keep_first)
+        | "Dedupe" >> beam.FlatMapTuple(_keep_first, known)
         | "WriteImages" >> _WriteShards(images_uri, run_id, n_shards, schema.IMAGES, lambda kv: (r for _, r in kv))
     )
     out.rejected | "WriteRejected" >> _WriteShards(
@@ -296,20 +357,27 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     result = p.run()
     result.wait_until_finish()
 
-    duplicates = _counter(result, "duplicates")
+    carried = {"images": [], "rejected": []}
+    old_counts = {"images": 0, "duplicates": 0, "rejected": 0}
+    if prev is not None:
+        carried = {"images": _carry_shards(prev.images_uri, images_uri, prev.manifest),
+                   "rejected": _carry_shards(prev.rejected_uri, rejected_uri, schema.read_manifest(prev.rejected_uri))}
+        old_counts = {k: prev.manifest["counts"][k] for k in old_counts}
     rej_shards = storage.list_shards(rejected_uri, run_id)
     img_shards = storage.list_shards(images_uri, run_id)
     counts = {
         "inputs": listing.num_inputs,
-        "images": sum(s["rows"] for s in img_shards),
-        "duplicates": duplicates,
-        "rejected": sum(s["rows"] for s in rej_shards),
+        "images": old_counts["images"] + sum(s["rows"] for s in img_shards),
+        "duplicates": old_counts["duplicates"] + _counter(result, "duplicates"),
+        "rejected": old_counts["rejected"] + sum(s["rows"] for s in rej_shards),
     }
     if counts["inputs"] != counts["images"] + counts["duplicates"] + counts["rejected"]:
         raise RuntimeError(f"ingest counts do not reconcile, no manifest written: {counts}")
-    meta = dict(stage="ingest", fp=fp, config=config, inputs={"source": data.source}, code=code, counts=counts)
-    _finish(rejected_uri, run_id, schema.REJECTED, **meta)
-    _finish(images_uri, run_id, schema.IMAGES, **meta, extra={"classes": listing.classes})
+    _write_listing(images_uri, listing)
+    inputs = {"source": data.source} | ({"carried_over_from": prev.images_uri} if prev else {})
+    meta = dict(stage="ingest", fp=fp, config=config, inputs=inputs, code=code, counts=counts)
+    _finish(rejected_uri, run_id, schema.REJECTED, carried["rejected"], **meta)
+    _finish(images_uri, run_id, schema.IMAGES, carried["images"], **meta, extra={"classes": listing.classes})
     log.info("ingest: %s", counts)
     return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
                        {"images": counts["images"], "rejected": counts["rejected"]}, False,
