@@ -187,25 +187,29 @@ def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
 
     src = tmp_path / "src"
     files = sorted(demo_folder.rglob("*.png"))
-    for f in files[:8]:
+    by_class: dict[str, list[Path]] = {}
+    for f in files:
+        by_class.setdefault(f.parent.name, []).append(f)
+    new = [fs[-1] for fs in by_class.values() if len(fs) > 1]  # later uploads of known classes
+    old = [f for f in files if f not in new]
+    assert new
+    for f in old:
         (src / f.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, src / f.parent.name / f.name)
-    classes = {f.parent.name for f in files[:8]}
     data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
     first = ingest(data, pre, store)
-    new = [f for f in files[8:] if f.parent.name in classes][:3]  # same classes: labels stay valid
     for f in new:
         shutil.copy(f, src / f.parent.name / f.name)
-    shutil.copy(files[0], src / files[0].parent.name / "again.png")  # duplicate of a carried image
+    shutil.copy(old[0], src / old[0].parent.name / "again.png")  # duplicate of a carried image
     second = ingest(data, pre, store)
     m = manifest(second.uris["images"])
     assert m["inputs"]["carried_over_from"] == first.uris["images"]
-    assert m["counts"] == {"inputs": 8 + len(new) + 1, "images": 8 + len(new), "duplicates": 1, "rejected": 0}
+    assert m["counts"] == {"inputs": len(files) + 1, "images": len(files), "duplicates": 1, "rejected": 0}
     keys = storage.read_table(second.uris["images"]).column("key").to_pylist()
     assert set(storage.read_table(first.uris["images"]).column("key").to_pylist()) < set(keys)
-    assert len(keys) == len(set(keys)) == 8 + len(new)
+    assert len(keys) == len(set(keys)) == len(files)
     # a removed input breaks the append-only assumption: everything is read again
-    (src / files[0].parent.name / "again.png").unlink()
-    (src / files[1].parent.name / files[1].name).unlink()
+    (src / old[0].parent.name / "again.png").unlink()
+    (src / old[1].parent.name / old[1].name).unlink()
     third = manifest(ingest(data, pre, store).uris["images"])
-    assert "carried_over_from" not in third["inputs"] and third["counts"]["images"] == 7 + len(new)
+    assert "carried_over_from" not in third["inputs"] and third["counts"]["images"] == len(files) - 1
