@@ -101,6 +101,8 @@ def run(
     set_: Optional[List[str]] = SetOpt,
     demo_images: int = typer.Option(0, "--demo-images", min=0,
                                     help="Fill an empty data.source with this many demo photographs first."),
+    retrain: bool = typer.Option(False, "--retrain", help="Models whose data changed continue from their latest "
+                                 "finished run (what the nightly-retrain deployment does)."),
 ) -> None:
     """Run the whole pipeline, the Prefect flow `full-pipeline`: preprocess → train tokenizer →
     evaluate → tokenize → train generator → evaluate. Finished stages are reused, interrupted
@@ -110,7 +112,8 @@ def run(
     paths = [str(p) for p in (config or [Path("configs/demo.yaml")])]
     cfg = _config([Path(p) for p in paths], set_)  # fail fast, with one line, before Prefect starts
     t0 = time.time()
-    state = full_pipeline(config=paths, overrides=set_ or [], demo_images=demo_images, return_state=True)
+    state = full_pipeline(config=paths, overrides=set_ or [], demo_images=demo_images, retrain=retrain,
+                          return_state=True)
     if not state.is_completed():
         raise UserError(f"flow run {state.name}: {state.message}")
     out.print(format_summary(state.result()), soft_wrap=True)

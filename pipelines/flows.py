@@ -77,8 +77,8 @@ def preprocess_task(cfg: Config) -> list[dict[str, Any]]:
 
 
 @_task("train-tokenizer")
-def train_tokenizer_task(cfg: Config) -> dict[str, str]:
-    res = stages.train_tokenizer(cfg)
+def train_tokenizer_task(cfg: Config, warm_start: bool) -> dict[str, str]:
+    res = stages.train_tokenizer(cfg, warm_start=warm_start)
     get_run_logger().info("tokenizer: %s run %s", "reused finished" if res["reused"] == "yes" else "trained",
                           res["run_id"])
     return res
@@ -92,8 +92,8 @@ def tokenize_task(cfg: Config, tokenizer_run: str) -> dict[str, Any]:
 
 
 @_task("train-generator")
-def train_generator_task(cfg: Config) -> dict[str, str]:
-    res = stages.train_generator(cfg)
+def train_generator_task(cfg: Config, warm_start: bool) -> dict[str, str]:
+    res = stages.train_generator(cfg, warm_start=warm_start)
     get_run_logger().info("generator: %s run %s", "reused finished" if res["reused"] == "yes" else "trained",
                           res["run_id"])
     return res
@@ -115,16 +115,18 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
                   demo_images: int = 0, retrain: bool = False) -> dict[str, Any]:
     """Run every stage for one config (YAML path(s), later files override earlier ones, then
     ``dotted.key=value`` overrides). ``demo_images > 0`` fills an empty ``data.source`` with demo
-    photographs first. Returns (and prints) datasets with row counts, MLflow runs with their key
+    photographs first. ``retrain`` (the nightly deployment): models whose data changed continue
+    from the latest finished run of the same config instead of starting from scratch (ingest
+    always reads only inputs it has not seen). Returns (and logs) datasets with row counts, MLflow runs with their key
     metrics, and where the sample grids are."""
     cfg = load_config([str(Path(p)) for p in ([config] if isinstance(config, str) else config)], overrides or [])
     if demo_images:
         demo_data_task(cfg, demo_images)
     datasets = preprocess_task(cfg)
-    tok = train_tokenizer_task(cfg)
+    tok = train_tokenizer_task(cfg, retrain)
     tok_eval = evaluate_task(cfg, tok["run_id"])
     datasets.append(tokenize_task(cfg, tok["run_id"]))
-    gen = train_generator_task(cfg)
+    gen = train_generator_task(cfg, retrain)
     gen_eval = evaluate_task(cfg, gen["run_id"])
     summary = {"datasets": datasets, "runs": [tok_eval | {"trained": tok["reused"] != "yes"},
                                               gen_eval | {"trained": gen["reused"] != "yes"}],

@@ -20,6 +20,8 @@ from coarse2fine.train.losses import PERCEPTUAL_OFF
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "c2f.fingerprint"
+LINEAGE_TAG = "c2f.lineage"  # fingerprint without the data: runs a warm start may continue
+DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
 EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
 
 
@@ -27,46 +29,62 @@ def preprocess(cfg: Config) -> list[StageResult]:
     return preprocess_all(cfg.data, cfg.preprocess, cfg.storage)
 
 
-def tokenizer_fingerprint(cfg: Config, images_fp: str) -> str:
-    """What determines a trained tokenizer: its config, the optimisation, the data, the code."""
+def tokenizer_spec(cfg: Config) -> tuple[dict, str]:
+    """What determines a trained tokenizer besides its data: config, optimisation, code version."""
     from coarse2fine.train import data, launch, losses, steps
     from coarse2fine.train.models import blocks, quantizer, sit
 
     train = cfg.train.model_dump(exclude={"log_every", "sample_every", "checkpoint_every"})
     code = storage.code_version(data, launch, losses, steps, blocks, quantizer, sit)
-    return storage.fingerprint("tokenizer", {"tokenizer": cfg.tokenizer.model_dump(), "train": train,
-                                             "resolution": cfg.data.resolution},
-                               [images_fp], code)
+    return {"tokenizer": cfg.tokenizer.model_dump(), "train": train, "resolution": cfg.data.resolution}, code
 
 
-def _find_run(cfg: Config, fp: str) -> str | None:
+def _find_run(cfg: Config, tags: dict[str, str]) -> mlflow.entities.Run | None:
+    """The latest run of the experiment carrying all ``tags``."""
     tracking.configure(cfg.tracking)
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment],
-                              filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fp}'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
-    return None if runs.empty else str(runs.iloc[0]["run_id"])
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string=where, max_results=1,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs[0] if runs else None
 
 
-def _tracked_fit(cfg: Config, kind: str, fp: str, run_name: str, tags: dict[str, str], max_steps: int,
-                 fit_fn) -> dict[str, str]:
-    """The MLflow bookkeeping every trained model shares: a finished run with this fingerprint is
-    reused, a paused or killed one resumed (same run, same Ray run name), otherwise a new run is
-    created. ``fit_fn(logger)`` trains and returns a :class:`train.launch.FitResult`."""
-    run_id = _find_run(cfg, fp)
+def _tracked_fit(cfg: Config, kind: str, method: str, spec: dict, code: str, data_fp: str, tags: dict[str, str],
+                 max_steps: int, warm_start: bool, fit_fn) -> dict[str, str]:
+    """The MLflow bookkeeping every trained model shares.
+
+    Fingerprint = hash(kind, ``spec``, data fingerprint, code). A finished run with it is reused, a
+    paused or killed one resumed (same MLflow run, same Ray run name), otherwise a new run starts.
+    ``warm_start`` (nightly retraining): the new run starts from the weights of the latest finished
+    run of the same lineage (same spec and code, any data) — or that run is reused when it already
+    saw this data. ``fit_fn(logger, run_name, init_checkpoint)`` trains and returns a
+    :class:`train.launch.FitResult`.
+    """
+    lineage = storage.fingerprint(kind, spec, [], code)
+    init = _find_run(cfg, {LINEAGE_TAG: lineage, "c2f.status": "finished"}) if warm_start else None
+    if init is not None and init.data.tags.get(DATA_TAG) == data_fp:
+        log.info("train-%s: reusing run %s, it already saw this data", kind, init.info.run_id)
+        return {"run_id": init.info.run_id, "checkpoint": init.data.tags["c2f.checkpoint"], "reused": "yes"}
+    fp = storage.fingerprint(kind, spec, [data_fp] + ([init.data.tags[FINGERPRINT_TAG]] if init else []), code)
+    run_name = f"{kind}-{method}-{fp}"
+    run = _find_run(cfg, {FINGERPRINT_TAG: fp})
     client = mlflow.MlflowClient()
-    old = client.get_run(run_id).data.tags if run_id else {}
-    if old.get("c2f.status") == "finished":
-        log.info("train-%s: reusing finished run %s", kind, run_id)
-        return {"run_id": run_id, "checkpoint": old["c2f.checkpoint"], "reused": "yes"}
-    if run_id is None:
-        with tracking.run(cfg.tracking, run_name=run_name, tags={FINGERPRINT_TAG: fp, "c2f.kind": kind, **tags}) as active:
+    if run is not None and run.data.tags.get("c2f.status") == "finished":
+        log.info("train-%s: reusing finished run %s", kind, run.info.run_id)
+        return {"run_id": run.info.run_id, "checkpoint": run.data.tags["c2f.checkpoint"], "reused": "yes"}
+    if run is None:
+        tags = {FINGERPRINT_TAG: fp, LINEAGE_TAG: lineage, DATA_TAG: data_fp, "c2f.kind": kind, "c2f.method": method,
+                **tags, **({"c2f.warm_start_from": init.info.run_id} if init else {})}
+        with tracking.run(cfg.tracking, run_name=run_name, tags=tags) as active:
             tracking.log_config(cfg.model_dump(mode="json"))
             run_id = active.info.run_id
         client.set_terminated(run_id, "RUNNING")
+        if init:
+            log.info("train-%s: warm start from run %s", kind, init.info.run_id)
     else:
+        run_id = run.info.run_id
         log.info("train-%s: resuming run %s from its last checkpoint", kind, run_id)
     try:
-        fit = fit_fn(MlflowLogger(cfg.tracking, run_id))
+        fit = fit_fn(MlflowLogger(cfg.tracking, run_id), run_name, init.data.tags["c2f.checkpoint"] if init else None)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -77,19 +95,18 @@ def _tracked_fit(cfg: Config, kind: str, fp: str, run_name: str, tags: dict[str,
     return {"run_id": run_id, "checkpoint": fit.checkpoint_uri, "reused": "no", "steps": str(fit.steps)}
 
 
-def train_tokenizer(cfg: Config, stop_after: int | None = None) -> dict[str, str]:
+def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool = False) -> dict[str, str]:
     """Train (or resume, or reuse when finished) the configured tokenizer; returns run id and checkpoint."""
     from coarse2fine.train.launch import fit_tokenizer
 
     images_uri = preprocess(cfg)[0].uris["images"]
     images_fp = schema.read_manifest(images_uri)["fingerprint"]
-    fp = tokenizer_fingerprint(cfg, images_fp)
-    tags = {"c2f.method": cfg.tokenizer.method, "c2f.images": images_uri, "c2f.images_fingerprint": images_fp,
-            "c2f.perceptual": PERCEPTUAL_OFF}
-    run_name = f"tokenizer-{cfg.tokenizer.method}-{fp}"
-    return _tracked_fit(cfg, "tokenizer", fp, run_name, tags, cfg.train.max_steps, lambda logger: fit_tokenizer(
-        images_uri, cfg.tokenizer, cfg.train, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"),
-        run_name, cfg.ray, logger, stop_after))
+    spec, code = tokenizer_spec(cfg)
+    tags = {"c2f.images": images_uri, "c2f.images_fingerprint": images_fp, "c2f.perceptual": PERCEPTUAL_OFF}
+    return _tracked_fit(cfg, "tokenizer", cfg.tokenizer.method, spec, code, images_fp, tags, cfg.train.max_steps,
+                        warm_start, lambda logger, run_name, init: fit_tokenizer(
+                            images_uri, cfg.tokenizer, cfg.train, cfg.data.resolution,
+                            storage.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray, logger, stop_after, init))
 
 
 def run_kind(cfg: Config, run_id: str) -> str | None:
@@ -155,25 +172,24 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
     return result
 
 
-def generator_fingerprint(cfg: Config, model_cfg, tokens_fp: str) -> str:
-    """What determines a trained generator: its model, optimisation, the token data, the code
-    (sampling settings and logging cadence do not)."""
+def generator_spec(cfg: Config, model_cfg) -> tuple[dict, str]:
+    """What determines a trained generator besides its tokens: model, optimisation, code (sampling
+    settings and logging cadence do not)."""
     from coarse2fine.train import data, launch, sampling, steps
     from coarse2fine.train.models import arsit
 
     train = cfg.generator.train.model_dump(exclude={"log_every", "sample_every", "checkpoint_every"})
-    code = storage.code_version(data, launch, steps, sampling, arsit)
-    return storage.fingerprint("generator", {"model": asdict(model_cfg), "train": train}, [tokens_fp], code)
+    return {"model": asdict(model_cfg), "train": train}, storage.code_version(data, launch, steps, sampling, arsit)
 
 
-def train_generator(cfg: Config, stop_after: int | None = None) -> dict[str, str]:
+def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool = False) -> dict[str, str]:
     """Train (or resume, or reuse) the configured generator on the tokens of the configured
     tokenizer (trained and tokenized first when needed)."""
     from coarse2fine.train.launch import fit_generator
     from coarse2fine.train.models.arsit import ARSITConfig
     from coarse2fine.train.models.io import load_tokenizer
 
-    tok = train_tokenizer(cfg)
+    tok = train_tokenizer(cfg, warm_start=warm_start)
     tokens = tokenize(cfg, tok["run_id"])
     tokens_uri = tokens.uris["tokens"]
     tok_tags = mlflow.MlflowClient().get_run(tok["run_id"]).data.tags
@@ -181,14 +197,13 @@ def train_generator(cfg: Config, stop_after: int | None = None) -> dict[str, str
     classes = schema.read_manifest(tok_tags["c2f.images"]).get("classes") or []
     model_cfg = ARSITConfig(tok_cfg.num_scales, tok_cfg.tokens_per_scale, tok_cfg.codebook_size, len(classes),
                             cfg.generator.size, cond_drop_prob=cfg.generator.cond_drop_prob)
-    fp = generator_fingerprint(cfg, model_cfg, schema.read_manifest(tokens_uri)["fingerprint"])
-    run_name = f"generator-{cfg.generator.method}-{fp}"
-    tags = {"c2f.method": cfg.generator.method, "c2f.tokenizer_run": tok["run_id"],
-            "c2f.tokenizer_checkpoint": tok["checkpoint"], "c2f.tokens": tokens_uri,
+    spec, code = generator_spec(cfg, model_cfg)
+    tags = {"c2f.tokenizer_run": tok["run_id"], "c2f.tokenizer_checkpoint": tok["checkpoint"], "c2f.tokens": tokens_uri,
             "c2f.images": tok_tags["c2f.images"], "c2f.classes": json.dumps(classes)}
-    return _tracked_fit(cfg, "generator", fp, run_name, tags, cfg.generator.train.max_steps, lambda logger: fit_generator(
-        tokens_uri, model_cfg, cfg.generator.train, tok["checkpoint"], storage.join(cfg.storage.root, "checkpoints"),
-        run_name, cfg.ray, logger, stop_after))
+    return _tracked_fit(cfg, "generator", cfg.generator.method, spec, code, schema.read_manifest(tokens_uri)["fingerprint"],
+                        tags, cfg.generator.train.max_steps, warm_start, lambda logger, run_name, init: fit_generator(
+                            tokens_uri, model_cfg, cfg.generator.train, tok["checkpoint"],
+                            storage.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray, logger, stop_after, init))
 
 
 def sample_settings(cfg: Config, **overrides):

@@ -1,5 +1,6 @@
 """The Prefect flow `full-pipeline` on configs/tiny.yaml with Prefect's ephemeral API: every
-dataset and model, reuse on a re-run, generator-only retraining, a failing stage and the resume."""
+dataset and model, reuse on a re-run, a failing stage and the resume with generator-only
+retraining, and nightly retraining (new images only, warm starts)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,23 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
     assert new_gen["run_id"] != gen["run_id"] and new_gen["trained"]
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert sorted(r.data.tags.get("c2f.kind") for r in runs) == ["generator", "generator", "tokenizer"]
+
+    # nightly retraining: new uploads are ingested alone, both models continue from their latest runs
+    from PIL import Image
+
+    for f in sorted((tmp_path / "imgs").rglob("*.png"))[:4]:
+        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(f.with_name(f"flipped-{f.name}"))
+    nightly = full_pipeline(tiny, overrides(tmp_path, "generator.train.max_steps=4"), retrain=True)
+    images = next(d for d in nightly["datasets"] if d["dataset"] == "images")
+    assert images["rows"] == 16 and not images["reused"]
+    assert schema.read_manifest(images["uri"])["inputs"]["carried_over_from"] == first["datasets"][0]["uri"]
+    warm_tok, warm_gen = nightly["runs"]
+    assert warm_tok["trained"] and warm_gen["trained"]
+    tok_tags, gen_tags = (mlflow.get_run(r["run_id"]).data.tags for r in (warm_tok, warm_gen))
+    assert tok_tags["c2f.warm_start_from"] == tok["run_id"] and gen_tags["c2f.warm_start_from"] == new_gen["run_id"]
+    client = mlflow.MlflowClient()
+    first_loss = {r: client.get_metric_history(r, "loss")[0].value for r in (new_gen["run_id"], warm_gen["run_id"])}
+    assert first_loss[warm_gen["run_id"]] < first_loss[new_gen["run_id"]]  # started from trained weights
+    quiet = full_pipeline(tiny, overrides(tmp_path, "generator.train.max_steps=4"), retrain=True)
+    assert [r["run_id"] for r in quiet["runs"]] == [warm_tok["run_id"], warm_gen["run_id"]]
+    assert all(d["reused"] for d in quiet["datasets"]) and not any(r["trained"] for r in quiet["runs"])

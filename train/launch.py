@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import fsspec
 import numpy as np
 import torch
 
@@ -195,6 +197,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             unwrap(obj).load_state_dict(state[k])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+    elif cfg.get("init_checkpoint"):  # warm start: weights of a finished run, fresh optimiser and schedule
+        with fsspec.open(posixpath.join(cfg["init_checkpoint"].rstrip("/"), CHECKPOINT_FILE), "rb") as f:
+            state = torch.load(f, map_location=device, weights_only=False)
+        for name in ["model", *extras]:
+            unwrap(stateful[name]).load_state_dict(state[name])
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
@@ -226,8 +233,10 @@ def fit(
     logger: MetricsLogger | None = None,
     stop_after: int | None = None,
     row_filter: str | None = None,
+    init_checkpoint: str | None = None,
 ) -> FitResult:
     """Train (or resume) ``task`` on a dataset's rows (``row_filter``: a Ray Data expression).
+    A new run starts from the weights in ``init_checkpoint`` when given (a warm start).
 
     ``stop_after`` ends this invocation after that many total steps with a checkpoint (a later
     call with the same ``run_name`` resumes), e.g. to fit a run into preemptible time slots.
@@ -250,7 +259,8 @@ def fit(
         ds = ds.filter(expr=row_filter)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after},
+        train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after,
+                           "init_checkpoint": init_checkpoint},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -270,18 +280,21 @@ def fit(
 
 def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, train: TrainConfig, resolution: int,
                   checkpoints_root: str, run_name: str, ray_cfg: RayConfig | None = None,
-                  logger: MetricsLogger | None = None, stop_after: int | None = None) -> FitResult:
+                  logger: MetricsLogger | None = None, stop_after: int | None = None,
+                  init_checkpoint: str | None = None) -> FitResult:
     """Train (or resume) a tokenizer on the ``train`` split of an ``images`` dataset."""
     task = TokenizerTask(tokenizer.model_config_for(resolution), train)
-    return fit(task, images_uri, train, checkpoints_root, run_name, ray_cfg, logger, stop_after, "split == 'train'")
+    return fit(task, images_uri, train, checkpoints_root, run_name, ray_cfg, logger, stop_after, "split == 'train'",
+               init_checkpoint)
 
 
 def fit_generator(tokens_uri: str, model_cfg: ARSITConfig, train: GeneratorTrainConfig, tokenizer_uri: str,
                   checkpoints_root: str, run_name: str, ray_cfg: RayConfig | None = None,
-                  logger: MetricsLogger | None = None, stop_after: int | None = None) -> FitResult:
+                  logger: MetricsLogger | None = None, stop_after: int | None = None,
+                  init_checkpoint: str | None = None) -> FitResult:
     """Train (or resume) AR-SIT on every row of a ``tokens`` dataset."""
     return fit(GeneratorTask(model_cfg, train, tokenizer_uri), tokens_uri, train, checkpoints_root, run_name,
-               ray_cfg, logger, stop_after)
+               ray_cfg, logger, stop_after, None, init_checkpoint)
 
 
 def ray_storage(root: str):
