@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/c2f demo --config configs/demo.yaml
+	$(BIN)/c2f run --config configs/demo.yaml --demo-images 200
 
 test: install
 	$(BIN)/pytest
@@ -29,6 +29,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/bench_decomposition.py
 	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_arsit.py
 
 clean:
-	rm -rf $(VENV) .c2f build *.egg-info
+	rm -rf $(VENV) .c2f build *.egg-info mlruns

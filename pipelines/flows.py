@@ -44,9 +44,9 @@ def _transient(task_, task_run, state) -> bool:
     return False
 
 
-def _task(name: str):
+def _task(name: str, **options):
     return task(name=name, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_transient,
-                cache_policy=NO_CACHE)
+                cache_policy=NO_CACHE, **options)
 
 
 @_task("demo-data")
@@ -76,10 +76,12 @@ def preprocess_task(cfg: Config) -> list[dict[str, Any]]:
             for r in results for name, uri in r.uris.items()]
 
 
-@_task("train-tokenizer")
-def train_tokenizer_task(cfg: Config, warm_start: bool) -> dict[str, str]:
-    res = stages.train_tokenizer(cfg, warm_start=warm_start)
-    get_run_logger().info("tokenizer: %s run %s", "reused finished" if res["reused"] == "yes" else "trained",
+@_task("train", task_run_name="train-{kind}")
+def train_task(cfg: Config, kind: str, warm_start: bool) -> dict[str, str]:
+    """Train (resume, reuse) the tokenizer or the generator."""
+    fit = {"tokenizer": stages.train_tokenizer, "generator": stages.train_generator}[kind]
+    res = fit(cfg, warm_start=warm_start)
+    get_run_logger().info("%s: %s run %s", kind, "reused finished" if res["reused"] == "yes" else "trained",
                           res["run_id"])
     return res
 
@@ -89,14 +91,6 @@ def tokenize_task(cfg: Config, tokenizer_run: str) -> dict[str, Any]:
     r = stages.tokenize(cfg, tokenizer_run)
     get_run_logger().info("tokens: %s %s", "reused" if r.reused else "built", r.uris["tokens"])
     return {"dataset": "tokens", "uri": r.uris["tokens"], "rows": r.rows["tokens"], "reused": r.reused}
-
-
-@_task("train-generator")
-def train_generator_task(cfg: Config, warm_start: bool) -> dict[str, str]:
-    res = stages.train_generator(cfg, warm_start=warm_start)
-    get_run_logger().info("generator: %s run %s", "reused finished" if res["reused"] == "yes" else "trained",
-                          res["run_id"])
-    return res
 
 
 @_task("evaluate")
@@ -123,10 +117,10 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
     if demo_images:
         demo_data_task(cfg, demo_images)
     datasets = preprocess_task(cfg)
-    tok = train_tokenizer_task(cfg, retrain)
+    tok = train_task(cfg, "tokenizer", retrain)
     tok_eval = evaluate_task(cfg, tok["run_id"])
     datasets.append(tokenize_task(cfg, tok["run_id"]))
-    gen = train_generator_task(cfg, retrain)
+    gen = train_task(cfg, "generator", retrain)
     gen_eval = evaluate_task(cfg, gen["run_id"])
     summary = {"datasets": datasets, "runs": [tok_eval | {"trained": tok["reused"] != "yes"},
                                               gen_eval | {"trained": gen["reused"] != "yes"}],

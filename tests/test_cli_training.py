@@ -1,4 +1,5 @@
-"""The user's path through the CLI on configs/tiny.yaml: demo → train (resume, reuse) → evaluate → compare."""
+"""The user's path through the CLI on configs/tiny.yaml: demo data → train (resume, reuse) → evaluate →
+compare, a killed run resumed, and the generator path (train, sample, refine, upsample, edit, evaluate)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
     import ray
 
     try:
-        assert main(["demo", "--n", "12", *sets(tmp_path)]) == 0
-        out = capsys.readouterr().out
-        assert "PSNR" in out and "MLflow run" in out
-        run_id = out.split("MLflow run ")[1].split()[0]
+        assert main(["demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]) == 0
+        assert main(["train-tokenizer", *sets(tmp_path)]) == 0
+        run_id = capsys.readouterr().out.split("tokenizer run ")[1].split()[0]
+        assert main(["evaluate", "--run", run_id, *sets(tmp_path)]) == 0
+        assert "psnr" in capsys.readouterr().out
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
         run = mlflow.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["c2f.status"] == "finished"

@@ -11,7 +11,6 @@ import pytest
 
 from coarse2fine.preprocess import schema
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {"images", "rejected", "spectral", "decomposition", "tokens"}
 
@@ -32,6 +31,7 @@ def overrides(tmp: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
     from coarse2fine.pipelines.flows import full_pipeline
 
@@ -91,3 +91,14 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
     quiet = full_pipeline(tiny, overrides(tmp_path, "generator.train.max_steps=4"), retrain=True)
     assert [r["run_id"] for r in quiet["runs"]] == [warm_tok["run_id"], warm_gen["run_id"]]
     assert all(d["reused"] for d in quiet["datasets"]) and not any(r["trained"] for r in quiet["runs"])
+
+
+@pytest.mark.parametrize("error,retried", [(ConnectionResetError("peer"), True), (TimeoutError(), True),
+                                           (OSError("disk"), True), (FileNotFoundError("cfg"), False),
+                                           (ValueError("bad config"), False), (KeyError("class"), False)])
+def test_only_transient_errors_are_retried(error, retried):
+    from prefect.states import Failed
+
+    from coarse2fine.pipelines.flows import _transient
+
+    assert _transient(None, None, Failed(data=error)) is retried
