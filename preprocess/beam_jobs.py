@@ -420,17 +420,31 @@ def run_image_stage(
         return StageResult(stage, {stage: uri}, {stage: done["rows"]}, True)
     storage.prepare_empty(uri)
     run_id = storage.new_run_id()
-    log.info("%s: %d images -> %s", stage, src["rows"], uri)
-    p = make_pipeline(pre)
-    (
-        p
-        | "ListShards" >> beam.Create(storage.shard_uris(images_uri), reshuffle=True)
-        | "ReadImages" >> beam.FlatMap(_image_rows)
-        | "Write" >> _WriteShards(uri, run_id, _num_shards(src["rows"], pre), table_schema, make_rows)
-    )
-    p.run().wait_until_finish()
-    manifest = _finish(uri, run_id, table_schema, stage=stage, fp=fp, config=config,
-                       inputs={"images": images_uri}, code=code)
+    carried, todo, inputs = [], storage.shard_uris(images_uri), {"images": images_uri}
+    prev_images = src["inputs"].get("carried_over_from")
+    prev_src = storage.read_manifest(prev_images) if prev_images else None
+    prev_uri = storage.dataset_uri(store.root, stage, storage.fingerprint(stage, config, [prev_src["fingerprint"]], code)) \
+        if prev_src else None
+    prev = storage.read_manifest(prev_uri) if prev_uri else None
+    if prev is not None:  # the images carried over by ingest keep their rows here too
+        carried = _carry_shards(prev_uri, uri, prev)
+        old = {s["name"] for s in prev_src["shards"]}
+        todo = [storage.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
+        inputs["carried_over_from"] = prev_uri
+        log.info("%s: carrying over %d rows of %s", stage, prev["rows"], prev_uri)
+    new_rows = src["rows"] - sum(s["rows"] for s in carried)
+    log.info("%s: %d images -> %s", stage, new_rows, uri)
+    if todo:
+        p = make_pipeline(pre)
+        (
+            p
+            | "ListShards" >> beam.Create(todo, reshuffle=True)
+            | "ReadImages" >> beam.FlatMap(_image_rows)
+            | "Write" >> _WriteShards(uri, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
+        )
+        p.run().wait_until_finish()
+    manifest = _finish(uri, run_id, table_schema, carried, stage=stage, fp=fp, config=config,
+                       inputs=inputs, code=code)
     if manifest["rows"] != src["rows"]:
         raise RuntimeError(f"{stage} wrote {manifest['rows']} rows for {src['rows']} images")
     return StageResult(stage, {stage: uri}, {stage: manifest["rows"]}, False, time.perf_counter() - t0)

@@ -183,7 +183,7 @@ def test_two_beam_workers_give_the_same_datasets(run, tmp_path):
 def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
     """Nightly uploads: a second ingest carries the first one's rows over and reads only the new
     files; a new file that duplicates a carried image counts as a duplicate; counts reconcile."""
-    from coarse2fine.preprocess.beam_jobs import ingest
+    from coarse2fine.preprocess.beam_jobs import ingest, spectral
 
     src = tmp_path / "src"
     files = sorted(demo_folder.rglob("*.png"))
@@ -198,6 +198,7 @@ def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
         shutil.copy(f, src / f.parent.name / f.name)
     data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
     first = ingest(data, pre, store)
+    first_spec = spectral(first.uris["images"], data, pre, store)
     for f in new:
         shutil.copy(f, src / f.parent.name / f.name)
     shutil.copy(old[0], src / old[0].parent.name / "again.png")  # duplicate of a carried image
@@ -208,6 +209,10 @@ def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
     keys = storage.read_table(second.uris["images"]).column("key").to_pylist()
     assert set(storage.read_table(first.uris["images"]).column("key").to_pylist()) < set(keys)
     assert len(keys) == len(set(keys)) == len(files)
+    # per-image stages carry the old rows over too and compute only the new images
+    spec = spectral(second.uris["images"], data, pre, store).uris["spectral"]
+    assert manifest(spec)["inputs"]["carried_over_from"] == first_spec.uris["spectral"]
+    assert sorted(storage.read_table(spec, ["key"]).column("key").to_pylist()) == sorted(keys)
     # a removed input breaks the append-only assumption: everything is read again
     (src / old[0].parent.name / "again.png").unlink()
     (src / old[1].parent.name / old[1].name).unlink()
