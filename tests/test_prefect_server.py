@@ -99,8 +99,8 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
             if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             time.sleep(3)
-        logs_text = "\n".join(entry["message"] for entry in post(api, "/logs/filter",
-                                                                 {"logs": {"flow_run_id": {"any_": [run_id]}}}))
+        logs_text = "\n".join(entry["message"] for entry in post(api, "/logs/filter", {
+            "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 200}))
         assert state and state["type"] == "COMPLETED", (state, logs_text[-4000:],
                                                         (tmp_path / "worker.log").read_text()[-3000:])
         assert "summary" in logs_text and "generator" in logs_text
