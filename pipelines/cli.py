@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call at INFO
     try:
         app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -388,10 +388,10 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
 
 
 def _image_rows(shard_uri: str) -> Iterator[tuple[str, dict]]:
-    """``(key, {"image": png, "label": label})`` for every row of an images shard."""
-    table = storage.read_shard(shard_uri, ["key", "image", "label"])
-    for key, png, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-        yield key, {"image": png, "label": label}
+    """``(key, {"image": png, "label": label, "split": split})`` for every row of an images shard."""
+    table = storage.read_shard(shard_uri, ["key", "image", "label", "split"])
+    for key, png, label, split in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label", "split"))):
+        yield key, {"image": png, "label": label, "split": split}
 
 
 def run_image_stage(
@@ -406,7 +406,7 @@ def run_image_stage(
 ) -> StageResult:
     """Driver of a per-image Beam stage: fingerprint, reuse, Beam map, manifest.
 
-    ``make_rows(items)`` turns one output shard's ``[(key, {"image", "label"}), …]`` (sorted by
+    ``make_rows(items)`` turns one output shard's ``[(key, {"image", "label", "split"}), …]`` (sorted by
     key) into row dicts of ``table_schema``; it runs on the Beam workers (batch work goes there)."""
     t0 = time.perf_counter()
     src = storage.read_manifest(images_uri)

@@ -92,8 +92,9 @@ def decomposition_schema(resolution: int, order: int, dtype: str) -> pa.Schema:
 
 
 def tokens_schema(num_scales: int, grid: int) -> pa.Schema:
-    """``tokens/…``: ``ids_s`` = int32 token ids of scale s (0 = coarsest) on its grid×grid layout."""
-    fields = [("key", pa.string()), ("label", pa.int32())]
+    """``tokens/…``: ``ids_s`` = int32 token ids of scale s (0 = coarsest) on its grid×grid layout;
+    ``split`` copied from ``images`` (generators train on ``train`` only)."""
+    fields = [("key", pa.string()), ("label", pa.int32()), ("split", pa.string())]
     fields += [(f"ids_{s}", tensor_type((grid, grid), "int32")) for s in range(num_scales)]
     return pa.schema(fields)
 

@@ -140,6 +140,9 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
         assert sorted(set(steps)) == list(range(6)) and steps.count(0) == 1
         assert main(["train-generator", *sets(tmp_path)]) == 0
         assert "(reused)" in capsys.readouterr().out
+        splits = schema.read_table(tags["c2f.tokens"], ["split"]).column("split").to_pylist()
+        assert "validation" in splits  # …and the generator saw only the train split
+        assert mlflow.get_run(run_id).data.metrics["rows_per_worker"] == splits.count("train")
 
         prev = tmp_path / "prev.png"
         assert main(["generate", "--run", run_id, "--n", "3", "--stop-scale", "1", "--class", "0",

@@ -211,7 +211,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         done = step + 1
         if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
-            logger.log_metrics(metrics, step)
+            logger.log_metrics(metrics | ({"rows_per_worker": n} if step == start else {}), step)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
             logger.log_images(*task.preview(unwrap(model), idx, device), step)
         if done % tcfg.checkpoint_every == 0 or done == stop:
@@ -292,9 +292,10 @@ def fit_generator(tokens_uri: str, model_cfg: ARSITConfig, train: GeneratorTrain
                   checkpoints_root: str, run_name: str, ray_cfg: RayConfig | None = None,
                   logger: MetricsLogger | None = None, stop_after: int | None = None,
                   init_checkpoint: str | None = None) -> FitResult:
-    """Train (or resume) AR-SIT on every row of a ``tokens`` dataset."""
+    """Train (or resume) AR-SIT on the ``train`` split of a ``tokens`` dataset (validation images
+    stay unseen, so upsampling/editing are evaluated on images the generator never trained on)."""
     return fit(GeneratorTask(model_cfg, train, tokenizer_uri), tokens_uri, train, checkpoints_root, run_name,
-               ray_cfg, logger, stop_after, None, init_checkpoint)
+               ray_cfg, logger, stop_after, "split == 'train'", init_checkpoint)
 
 
 def ray_storage(root: str):

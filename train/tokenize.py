@@ -25,7 +25,7 @@ def _tokenizer(checkpoint_uri: str):
 
 @torch.no_grad()
 def encode_rows(checkpoint_uri: str, items: list[tuple[str, dict]]) -> list[dict]:
-    """``[(key, {"image", "label"})]`` → rows of :func:`preprocess.schema.tokens_schema`."""
+    """``[(key, {"image", "label", "split"})]`` → rows of :func:`preprocess.schema.tokens_schema`."""
     model = _tokenizer(checkpoint_uri)
     g = model.cfg.grid
     rows = []
@@ -35,7 +35,8 @@ def encode_rows(checkpoint_uri: str, items: list[tuple[str, dict]]) -> list[dict
         _, idx, _ = model.encode(x)  # (B, S, N)
         ids = idx.to(torch.int32).reshape(len(chunk), idx.shape[1], g, g).numpy()  # (B, S, g, g)
         for (key, r), per_scale in zip(chunk, ids):
-            rows.append({"key": key, "label": r["label"], **{f"ids_{s}": a for s, a in enumerate(per_scale)}})
+            rows.append({"key": key, "label": r["label"], "split": r["split"],
+                         **{f"ids_{s}": a for s, a in enumerate(per_scale)}})
     return rows
 
 
