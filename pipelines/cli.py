@@ -23,8 +23,9 @@ from rich.table import Table
 from coarse2fine.pipelines.config import Config, ConfigError, load_config, load_section
 
 app = typer.Typer(
-    help="coarse2fine: preprocess images into Parquet datasets (Haar DWT, Mumford–Shah base/detail) "
-    "for coarse-to-fine tokenizers and generators; FID/KID and MLflow run comparison.",
+    help="coarse2fine: coarse-to-fine image tokenizers and generators. `c2f run` runs the whole Prefect flow "
+    "(Beam preprocessing → Ray Train tokenizer → tokens → generator → evaluation, tracked in MLflow); the other "
+    "commands run one stage, sample, inspect datasets, compare runs or create Prefect deployments.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
