@@ -79,9 +79,11 @@ def image_grid(images_NCHW: np.ndarray, nrow: int | None = None, pad: int = 2) -
     return (grid * 255).round().astype(np.uint8)
 
 
-def log_image_grid(images_NCHW: np.ndarray, artifact_file: str, step: int | None = None) -> None:
-    """Log a sample/reconstruction grid as an image artifact (``step`` keeps one per step)."""
-    grid = image_grid(np.asarray(images_NCHW))
+def log_image_grid(images_NCHW: np.ndarray, artifact_file: str, step: int | None = None,
+                   nrow: int | None = None) -> None:
+    """Log a sample/reconstruction grid (``nrow`` images per row) as an image artifact (``step``
+    keeps one per step)."""
+    grid = image_grid(np.asarray(images_NCHW), nrow)
     if step is None:
         mlflow.log_image(grid, artifact_file=artifact_file)
     else:
