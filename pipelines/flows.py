@@ -77,10 +77,11 @@ def preprocess_task(cfg: Config) -> list[dict[str, Any]]:
 
 
 @_task("train", task_run_name="train-{kind}")
-def train_task(cfg: Config, kind: str, warm_start: bool) -> dict[str, str]:
-    """Train (resume, reuse) the tokenizer or the generator."""
+def train_task(cfg: Config, kind: str, warm_start: bool, inputs: dict[str, str]) -> dict[str, str]:
+    """Train (resume, reuse) the tokenizer or the generator on the ``inputs`` (dataset URIs, run ids)
+    the earlier steps of this flow run produced."""
     fit = {"tokenizer": stages.train_tokenizer, "generator": stages.train_generator}[kind]
-    res = fit(cfg, warm_start=warm_start)
+    res = fit(cfg, warm_start=warm_start, **inputs)
     get_run_logger().info("%s: %s run %s", kind, "reused finished" if res["reused"] == "yes" else "trained",
                           res["run_id"])
     return res
@@ -117,10 +118,12 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
     if demo_images:
         demo_data_task(cfg, demo_images)
     datasets = preprocess_task(cfg)
-    tok = train_task(cfg, "tokenizer", retrain)
+    images_uri = next(d["uri"] for d in datasets if d["dataset"] == "images")
+    tok = train_task(cfg, "tokenizer", retrain, {"images_uri": images_uri})
     tok_eval = evaluate_task(cfg, tok["run_id"])
-    datasets.append(tokenize_task(cfg, tok["run_id"]))
-    gen = train_task(cfg, "generator", retrain)
+    tokens = tokenize_task(cfg, tok["run_id"])
+    datasets.append(tokens)
+    gen = train_task(cfg, "generator", retrain, {"tokenizer_run": tok["run_id"], "tokens_uri": tokens["uri"]})
     gen_eval = evaluate_task(cfg, gen["run_id"])
     summary = {"datasets": datasets, "runs": [tok_eval | {"trained": tok["reused"] != "yes"},
                                               gen_eval | {"trained": gen["reused"] != "yes"}],

@@ -95,11 +95,14 @@ def _tracked_fit(cfg: Config, kind: str, method: str, spec: dict, code: str, dat
     return {"run_id": run_id, "checkpoint": fit.checkpoint_uri, "reused": "no", "steps": str(fit.steps)}
 
 
-def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool = False) -> dict[str, str]:
-    """Train (or resume, or reuse when finished) the configured tokenizer; returns run id and checkpoint."""
+def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool = False,
+                    images_uri: str | None = None) -> dict[str, str]:
+    """Train (or resume, or reuse when finished) the configured tokenizer on ``images_uri`` (the
+    flow passes the dataset its preprocessing step wrote; the CLI leaves it None and preprocesses
+    the config's data first, reusing what is finished); returns run id and checkpoint."""
     from coarse2fine.train.launch import fit_tokenizer
 
-    images_uri = preprocess(cfg)[0].uris["images"]
+    images_uri = images_uri or preprocess(cfg)[0].uris["images"]
     images_fp = schema.read_manifest(images_uri)["fingerprint"]
     spec, code = tokenizer_spec(cfg)
     tags = {"c2f.images": images_uri, "c2f.images_fingerprint": images_fp, "c2f.perceptual": PERCEPTUAL_OFF}
@@ -182,17 +185,22 @@ def generator_spec(cfg: Config, model_cfg) -> tuple[dict, str]:
     return {"model": asdict(model_cfg), "train": train}, storage.code_version(data, launch, steps, sampling, arsit)
 
 
-def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool = False) -> dict[str, str]:
-    """Train (or resume, or reuse) the configured generator on the tokens of the configured
-    tokenizer (trained and tokenized first when needed)."""
+def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool = False,
+                    tokenizer_run: str | None = None, tokens_uri: str | None = None) -> dict[str, str]:
+    """Train (or resume, or reuse) the configured generator on ``tokens_uri``, the token dataset of
+    the finished ``tokenizer_run`` (the flow passes both from its earlier steps; the CLI leaves them
+    None and trains and tokenizes the configured tokenizer first, reusing what is finished)."""
     from coarse2fine.train.launch import fit_generator
     from coarse2fine.train.models.arsit import ARSITConfig
     from coarse2fine.train.models.io import load_tokenizer
 
-    tok = train_tokenizer(cfg, warm_start=warm_start)
-    tokens = tokenize(cfg, tok["run_id"])
-    tokens_uri = tokens.uris["tokens"]
-    tok_tags = mlflow.MlflowClient().get_run(tok["run_id"]).data.tags
+    tokenizer_run = tokenizer_run or train_tokenizer(cfg, warm_start=warm_start)["run_id"]
+    _, tok_tags = _finished_run(cfg, tokenizer_run)
+    tokens_uri = tokens_uri or tokenize(cfg, tokenizer_run).uris["tokens"]
+    made_by = schema.read_manifest(tokens_uri)["config"].get("tokenizer_run")
+    if made_by != tokenizer_run:
+        raise ValueError(f"{tokens_uri} holds the tokens of run {made_by}, not of tokenizer run {tokenizer_run}")
+    tok = {"run_id": tokenizer_run, "checkpoint": tok_tags["c2f.checkpoint"]}
     tok_cfg = load_tokenizer(tok["checkpoint"]).cfg
     classes = schema.read_manifest(tok_tags["c2f.images"]).get("classes") or []
     model_cfg = ARSITConfig(tok_cfg.num_scales, tok_cfg.tokens_per_scale, tok_cfg.codebook_size, len(classes),
@@ -230,10 +238,12 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
         client.log_metric(run_id, "fid", float(report.stop_scales[-1]["fid"]))
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.stop_scales, "eval/stop_scales.json")
-        tracking.log_image_grid(report.samples_grid, "eval/samples_per_stop_scale.png")
+        # one row per stop scale / per kind of image (input, upsampled, original)
+        tracking.log_image_grid(report.samples_grid, "eval/samples_per_stop_scale.png",
+                                nrow=len(report.samples_grid) // len(report.stop_scales))
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
-            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png")
+            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3)
     client.set_tag(run_id, EVALUATED_TAG, evaluation_fingerprint(cfg, "generator"))
     return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
 
@@ -300,7 +310,7 @@ def class_id(label: str | None, classes: list[str], null_class: int) -> int:
         return null_class
     if label in classes:
         return classes.index(label)
-    if label.isdigit() and int(label) < max(len(classes), null_class):
+    if label.isdigit() and int(label) < null_class:  # null_class = number of classes
         return int(label)
     raise KeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
 
@@ -309,7 +319,6 @@ def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: in
              **settings) -> dict:
     """Sample ``n`` images (stopped after ``stop_scale``), write the grid PNG and the token ids
     (``{out}.tokens.npz``, the input of :func:`refine`), log both to the generator's run."""
-    import numpy as np
     import torch
 
     from coarse2fine.evaluate.fid import resolve_device
@@ -319,6 +328,14 @@ def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: in
     gen, tok, classes = _load_pair(cfg, run_id, device)
     cond = torch.full((n,), class_id(label, classes, gen.cfg.null_class), device=device)
     ids, images = sample(gen, tok, cond, stop_scale, sample_settings(cfg, **settings), seed)
+    return _save_samples(ids, cond, images, run_id, seed, out)
+
+
+def _save_samples(ids, cond, images, run_id: str, seed: int, out: str) -> dict:
+    """The grid PNG ``out`` and the token ids ``{out}.tokens.npz`` (what :func:`refine` continues),
+    both logged to the generator's run under ``samples/``."""
+    import numpy as np
+
     tokens_file = f"{out}.tokens.npz"
     np.savez(tokens_file, ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
     _save_grid(images.float().cpu().numpy(), out, run_id)
@@ -345,9 +362,7 @@ def refine(cfg: Config, run_id: str, tokens_file: str, select: list[int] | None,
     prefix = torch.from_numpy(saved["ids"][rows]).to(device)
     cond = torch.from_numpy(saved["classes"][rows]).to(device)
     ids, images = sample(gen, tok, cond, stop_scale, sample_settings(cfg, **settings), seed, prefix)
-    np.savez(f"{out}.tokens.npz", ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
-    _save_grid(images.float().cpu().numpy(), out, run_id)
-    return {"grid": out, "tokens": f"{out}.tokens.npz", "resolution": images.shape[-1]}
+    return _save_samples(ids, cond, images, run_id, seed, out)
 
 
 def _read_images(paths: list[str], resolution: int | None):
