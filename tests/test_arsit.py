@@ -129,6 +129,23 @@ def test_null_class_rate_in_training():
     assert model().cfg.cond_drop_prob == 0.1  # the seed's / Parti's default
 
 
+@pytest.mark.parametrize("prob", [0.0, 0.1, 0.5])
+def test_training_step_feeds_the_null_class_at_the_configured_rate(prob):
+    """What reaches the class embedding in a real training step, not just the helper."""
+    m = model(cond_drop_prob=prob).train()
+    seen = []
+    m.cls_emb.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    torch.manual_seed(3)
+    B = 4000
+    generator_train_step(m, opt, sched, torch.randint(0, V, (B, S * N)), torch.ones(B, dtype=torch.long))
+    (classes,) = seen
+    assert set(classes.unique().tolist()) <= {1, C}
+    rate = (classes == C).double().mean().item()
+    assert abs(rate - prob) <= 6 * math.sqrt(prob * (1 - prob) / B)  # 6 sigma of a binomial(B, prob)
+
+
 @settings(max_examples=40, deadline=None)
 @given(k=st.integers(1, V), p=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
 def test_top_k_top_p_keep_the_most_likely_tokens(k, p, seed):

@@ -153,6 +153,10 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
         import numpy as np
         coarse, refined = np.load(f"{prev}.tokens.npz")["ids"], np.load(tmp_path / "ref.png.tokens.npz")["ids"]
         assert refined.shape == (1, 12) and (refined[0, :4] == coarse[2]).all()
+        two = tmp_path / "two.png"
+        assert main(["refine", "--run", run_id, "--tokens", f"{tmp_path}/ref.png.tokens.npz", "--stop-scale", "2",
+                     "--out", str(two), *sets(tmp_path)]) == 2  # would cut the given 3 scales
+        assert "stop scale 2 would cut them" in capsys.readouterr().err and not two.exists()
 
         _, crop = next(demo_crops(1, 32, 5))
         crop.resize((16, 16)).save(tmp_path / "low.png")
@@ -172,10 +176,11 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
             assert metrics[f"eval/resolution_stop{s}"] == res and f"eval/fid_stop{s}" in metrics
             assert metrics[f"eval/images_per_s_stop{s}"] > 0
         assert metrics["eval/kv_cache_kib_per_image_stop3"] == 3 * metrics["eval/kv_cache_kib_per_image_stop1"]
-        assert "eval/upsample_psnr_from8px" in metrics and "fid" in metrics
+        assert {"eval/upsample_psnr_from8px", "eval/upsample_fid_from8px", "fid"} <= set(metrics)
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
         assert {"eval/stop_scales.json", "eval/samples_per_stop_scale.png", "eval/upsampling.png"} <= arts
         samples = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")}
-        assert {"samples/prev.png", "samples/prev.png.tokens.npz", "samples/up.png", "samples/ed.png"} <= samples
+        assert {"samples/prev.png", "samples/prev.png.tokens.npz", "samples/ref.png", "samples/ref.png.tokens.npz",
+                "samples/up.png", "samples/ed.png"} <= samples
     finally:
         ray.shutdown()

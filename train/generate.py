@@ -56,6 +56,9 @@ def generate(generator: ARSIT, tokenizer: SpectralTokenizer, classes_B: torch.Te
     s = S if stop_scale is None else stop_scale
     if not 1 <= s <= S:
         raise ValueError(f"stop scale must be in 1..{S}, got {s}")
+    if prefix_BP is not None and prefix_BP.shape[1] > s * N:
+        raise ValueError(f"the given sequences already hold {prefix_BP.shape[1] // N} scales; "
+                         f"stop scale {s} would cut them (use a stop scale >= {-(-prefix_BP.shape[1] // N)})")
     gen = torch.Generator(classes_B.device).manual_seed(seed)
     ids = sample_tokens(generator, classes_B, s * N, prefix_BP, settings.guidance, settings.temperature,
                         settings.top_k, settings.top_p, gen, use_cache)

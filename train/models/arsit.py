@@ -10,9 +10,10 @@ encoder (the seed conditions on captions through cross-attention; class labels a
 carries): a learned class embedding is the first input position ("start token"), index
 ``num_classes`` is the null class used for classifier-free guidance, and training replaces the
 label by the null class with probability ``cond_drop_prob`` (0.1, as Parti/LlamaGen). Conditioning
-enters only through :meth:`ARSIT.condition`, which returns a prefix of embeddings ``(B, P, C)``;
-a text path (P caption embeddings, or cross-attention on them) plugs in there without touching
-the trunk.
+enters only through :meth:`ARSIT.condition` (the start-token embedding, one position). The seed's
+text path is not implemented; it would add a cross-attention sub-layer to :class:`CausalBlock`
+over caption embeddings (Parti), computed once per sample and kept beside the KV cache, with the
+start token then a learned BOS; the token positions, heads and cache stay as they are.
 
 Architecture: decoder-only pre-norm GPT (nanoGPT layout) with learnable absolute positions and a
 key/value cache for sampling. Sizes: a DiT-style dict; ``parti-350m`` is the seed's B.2 generator
