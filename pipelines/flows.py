@@ -29,7 +29,9 @@ RETRY_DELAY_S = 10
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry I/O, network and Ray worker failures; never user errors (they would fail again)."""
+    """Retry I/O, network, GCS (429/5xx, once gcsfs's own retries gave up) and Ray worker
+    failures; never user errors (they would fail again)."""
+    from gcsfs.retry import HttpError, is_retriable
     from ray.exceptions import RayError
     from ray.train import TrainingFailedError
 
@@ -37,6 +39,8 @@ def _transient(task_, task_run, state) -> bool:
         state.result()
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
         return False
+    except HttpError as e:
+        return is_retriable(e)
     except (OSError, TimeoutError, RayError, TrainingFailedError):
         return True
     except BaseException:  # noqa: BLE001 - everything else is not worth a retry

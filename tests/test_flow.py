@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from gcsfs.retry import HttpError
 
 from coarse2fine.preprocess import schema
 
@@ -32,8 +33,14 @@ def overrides(tmp: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
-    from coarse2fine.pipelines.flows import full_pipeline
+def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env, capsys):
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogWorker
+
+    from coarse2fine.pipelines.cli import main
+    from coarse2fine.pipelines.flows import format_summary, full_pipeline
 
     tiny = [str(REPO / "configs/tiny.yaml")]
     first = full_pipeline(tiny, overrides(tmp_path), demo_images=12)
@@ -56,12 +63,23 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
     assert all(d["reused"] for d in again["datasets"])
     assert [r["run_id"] for r in again["runs"]] == [tok["run_id"], gen["run_id"]]
     assert not any(r["trained"] for r in again["runs"]) and all(r["reused"] for r in again["runs"])
+    printed = format_summary(again)  # what `c2f run` prints and the flow logs
+    assert "built" not in printed and "trained" not in printed
+    assert all(d["uri"] in printed for d in again["datasets"]) and gen["run_id"] in printed and "fid" in printed
 
-    # a stage that raises fails the flow run with its error; nothing finished is lost
+    # a stage that raises fails the flow run with its error in the run's logs, `c2f run` says it in
+    # one line and exits 2; nothing finished is lost
     missing = tmp_path / "missing-inception.pt"
-    state = full_pipeline(tiny, overrides(tmp_path, "generator.train.max_steps=4", f"evaluate.fid_weights={missing}"),
-                          return_state=True)
-    assert state.is_failed() and "missing-inception.pt" in state.message
+    sets = [a for o in overrides(tmp_path, "generator.train.max_steps=4", f"evaluate.fid_weights={missing}")
+            for a in ("--set", o)]
+    assert main(["run", "--config", tiny[0], *sets]) == 2
+    assert "missing-inception.pt" in capsys.readouterr().err
+    APILogWorker.drain_all(timeout=30)  # logs ship in the background
+    with get_client(sync_client=True) as client:
+        (failed,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        assert failed.state.is_failed() and "missing-inception.pt" in failed.state.message
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[failed.id])))
+    assert any("missing-inception.pt" in entry.message for entry in logs)
 
     # re-run: preprocessing, tokens and the tokenizer are reused, only the changed generator trains
     changed = full_pipeline(tiny, overrides(tmp_path, "generator.train.max_steps=4"))
@@ -95,6 +113,8 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env):
 
 @pytest.mark.parametrize("error,retried", [(ConnectionResetError("peer"), True), (TimeoutError(), True),
                                            (OSError("disk"), True), (FileNotFoundError("cfg"), False),
+                                           (HttpError({"code": 503, "message": "backend"}), True),
+                                           (HttpError({"code": 403, "message": "forbidden"}), False),
                                            (ValueError("bad config"), False), (KeyError("class"), False)])
 def test_only_transient_errors_are_retried(error, retried):
     from prefect.states import Failed

@@ -97,6 +97,37 @@ def test_yaml_parses_to_a_mapping(path: Path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
 
 
+# ------------------------------------------------------------------ prefect.yaml
+
+
+def test_prefect_deployments_name_the_flow_its_parameters_and_the_pool():
+    """Each deployment's entrypoint imports to the ``full-pipeline`` flow, its parameters are
+    parameters of that flow and pass its validation, its configs exist, its pool is the one the
+    Dockerfile's worker serves, and its schedules are cron strings Prefect accepts."""
+    import importlib
+    import inspect
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    spec = _load("prefect.yaml")
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {"demo", "nightly-retrain"} <= set(deployments)
+    for name, d in deployments.items():
+        module, attr = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module), attr)
+        assert flow.name == "full-pipeline", name
+        params = d.get("parameters", {})
+        assert set(params) <= set(inspect.signature(flow.fn).parameters), name
+        flow.validate_parameters(params)  # pydantic validation against the signature
+        for config in params.get("config", []):
+            assert (REPO / config).is_file(), f"{name}: {config} is not in the repo"
+        assert d["work_pool"]["name"] == WORK_POOL, name
+        for schedule in d.get("schedules", []):
+            CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+    assert deployments["nightly-retrain"]["parameters"]["retrain"] is True
+    assert [s["cron"] for s in deployments["nightly-retrain"]["schedules"]] == ["0 2 * * *"]
+
+
 # ------------------------------------------------------------------ Dockerfile
 
 

@@ -61,6 +61,7 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
                               env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
+    worker_log = open(tmp_path / "worker.log", "w")
     try:
         deadline = time.time() + 180
         while True:
@@ -90,7 +91,7 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
         run_id = run_id.group(1) or run_id.group(2)
 
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "c2f-process", "--run-once"],
-                                  env=env, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                  env=env, stdout=worker_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         deadline = time.time() + 900
         state = None
@@ -121,8 +122,13 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
         assert len(list((workdir / "imgs").rglob("*.png"))) == 12
         names = {p.parent.parent.name for p in (workdir / "store").glob("*/*/_manifest.json")}
         assert {"images", "rejected", "spectral", "decomposition", "tokens"} <= names
-        for manifest in (workdir / "store").glob("*/*/_manifest.json"):
-            assert schema.read_manifest(str(manifest.parent))["rows"] >= 0
+        manifests = {p.parent.parent.name: schema.read_manifest(str(p.parent))
+                     for p in (workdir / "store").glob("*/*/_manifest.json")}
+        counts = manifests["images"]["counts"]
+        assert counts["inputs"] == 12 == counts["images"] + counts["duplicates"] + counts["rejected"]
+        assert manifests["images"]["rows"] == counts["images"] > 0
+        for name in ("spectral", "decomposition", "tokens"):
+            assert manifests[name]["rows"] == manifests["images"]["rows"], name
         mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
         runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
         assert sorted(r.data.tags["c2f.kind"] for r in runs) == ["generator", "tokenizer"]
@@ -132,3 +138,4 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
             stop(worker)
         stop(server)
         logs.close()
+        worker_log.close()
