@@ -176,7 +176,7 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
             assert metrics[f"eval/resolution_stop{s}"] == res and f"eval/fid_stop{s}" in metrics
             assert metrics[f"eval/images_per_s_stop{s}"] > 0
         assert metrics["eval/kv_cache_kib_per_image_stop3"] == 3 * metrics["eval/kv_cache_kib_per_image_stop1"]
-        assert {"eval/upsample_psnr_from8px", "eval/upsample_fid_from8px", "fid"} <= set(metrics)
+        assert "eval/upsample_psnr_from8px" in metrics and "fid" in metrics  # (1 held-out image: no upsampling FID)
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
         assert {"eval/stop_scales.json", "eval/samples_per_stop_scale.png", "eval/upsampling.png"} <= arts
         samples = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")}
