@@ -373,8 +373,13 @@ def edit(
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn user errors into one line + exit 2."""
+    import os
+
     from coarse2fine.preprocess.storage import IncompleteDatasetError
 
+    # Prefect's ephemeral server phones home for telemetry; offline that is an ERROR line per run.
+    # Off unless the user asks for it (set PREFECT_SERVER_ANALYTICS_ENABLED=true).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     handler = RichHandler(console=console, show_path=False)
     # Beam's GCP io module warns about optional BigQuery clients on import (root logger)
     handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))

@@ -23,6 +23,8 @@ FINGERPRINT_TAG = "c2f.fingerprint"
 LINEAGE_TAG = "c2f.lineage"  # fingerprint without the data: runs a warm start may continue
 DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
 EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
+# training settings that change how a run is executed or logged, not what it computes: not fingerprinted
+RUN_ONLY_KEYS = {"log_every", "sample_every", "checkpoint_every", "torch_threads"}
 
 
 def preprocess(cfg: Config) -> list[StageResult]:
@@ -34,7 +36,7 @@ def tokenizer_spec(cfg: Config) -> tuple[dict, str]:
     from coarse2fine.train import data, launch, losses, steps
     from coarse2fine.train.models import blocks, quantizer, sit
 
-    train = cfg.train.model_dump(exclude={"log_every", "sample_every", "checkpoint_every"})
+    train = cfg.train.model_dump(exclude=RUN_ONLY_KEYS)
     code = storage.code_version(data, launch, losses, steps, blocks, quantizer, sit)
     return {"tokenizer": cfg.tokenizer.model_dump(), "train": train, "resolution": cfg.data.resolution}, code
 
@@ -181,7 +183,7 @@ def generator_spec(cfg: Config, model_cfg) -> tuple[dict, str]:
     from coarse2fine.train import data, launch, sampling, steps
     from coarse2fine.train.models import arsit
 
-    train = cfg.generator.train.model_dump(exclude={"log_every", "sample_every", "checkpoint_every"})
+    train = cfg.generator.train.model_dump(exclude=RUN_ONLY_KEYS)
     return {"model": asdict(model_cfg), "train": train}, storage.code_version(data, launch, steps, sampling, arsit)
 
 

@@ -59,6 +59,9 @@ class OptimConfig(Section):
     final_lr_frac: float = Field(0.01, gt=0, le=1, description="exponential schedule: lr multiplier at the last step")
     clip_norm: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads of each Ray Train worker's torch; None = the CPUs Ray reserved for it "
+                                "(1 per worker: Ray sets OMP_NUM_THREADS). 2 on a 2-core machine with one worker")
     use_gpu: bool = False
     bf16: bool = Field(True, description="bf16 autocast when on GPU")
     checkpoint_every: int = Field(50, ge=1)

@@ -170,6 +170,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for c in task.columns:
             rows[c].extend(list(batch[c]))
     n = task.load(rows, rank, world)
+    if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
+        torch.set_num_threads(tcfg.torch_threads)
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = ray.train.torch.prepare_model(task.build())
