@@ -8,6 +8,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from coarse2fine.evaluate import image_sets
@@ -84,24 +85,31 @@ class Evaluator:
             "seed": self.cfg.seed,
         }
 
-    def features(self, source: str | Iterable[torch.Tensor], split: str | None = None, desc: str = "features") -> np.ndarray:
+    def features(self, source: str | Iterable[torch.Tensor], split: str | None = None, desc: str = "features",
+                 factor: int = 1) -> np.ndarray:
+        """Features of an image set (a URI, or batches); ``factor`` > 1 block-averages a URI's
+        images by it first (the real data at a coarser resolution)."""
         batches = (image_sets.iter_batches(source, self.cfg.batch_size, self.cfg.max_samples, split)
                    if isinstance(source, str) else source)
+        if factor > 1:
+            batches = (F.avg_pool2d(b, factor) for b in batches)
         return extract(self.extractor, batches, self.device, desc)
 
-    def reference_features(self, uri: str, split: str | None = None) -> np.ndarray:
-        """Features of a reference set; for a complete dataset they are cached next to it
-        (``{dataset}/_fid_stats/…``, keyed by the dataset fingerprint and the protocol)."""
+    def reference_features(self, uri: str, split: str | None = None, factor: int = 1) -> np.ndarray:
+        """Features of a reference set (block-averaged by ``factor``); for a complete dataset they
+        are cached next to it (``{dataset}/_fid_stats/…``, keyed by the dataset fingerprint and the
+        protocol)."""
+        desc = "reference" if factor == 1 else f"reference at 1/{factor} resolution"
         fp = image_sets.dataset_fingerprint(uri)
         if fp is None:
-            return self.features(uri, split, "reference")
-        proto = f"{fp}-{split or 'all'}-{self.cfg.max_samples}-{self.extractor.sha1[:12]}"
+            return self.features(uri, split, desc, factor)
+        proto = f"{fp}-{split or 'all'}-{self.cfg.max_samples}-{factor}x-{self.extractor.sha1[:12]}"
         fs, path = schema.url_to_fs(schema.join(uri, STATS_DIR, f"{proto}.npy"))
         if fs.exists(path):
             log.info("reference features: reusing %s", path)
             with fs.open(path, "rb") as f:
                 return np.load(f).astype(np.float64)
-        feats = self.features(uri, split, "reference")
+        feats = self.features(uri, split, desc, factor)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             np.save(f, feats.astype(np.float32))

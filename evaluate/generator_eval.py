@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coarse2fine.evaluate import image_sets
 from coarse2fine.evaluate.config import EvaluateConfig
 from coarse2fine.evaluate.fid import Evaluator, resolve_device
 from coarse2fine.evaluate.metrics import reconstruction_metrics
@@ -48,11 +47,6 @@ def kv_cache_bytes(generator, num_tokens: int, guided: bool) -> int:
     depth, dim = len(generator.blocks), generator.pos.shape[1]
     positions = num_tokens  # the condition plus every token but the last one is fed
     return 2 * depth * positions * dim * generator.pos.element_size() * (2 if guided else 1)
-
-
-def _real_at(images_uri: str, cfg: EvaluateConfig, factor: int):
-    for b in image_sets.iter_batches(images_uri, cfg.batch_size, cfg.max_samples):
-        yield F.avg_pool2d(b, factor) if factor > 1 else b
 
 
 def _full_res(x_B3rr: torch.Tensor, R: int) -> torch.Tensor:
@@ -88,7 +82,7 @@ def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, 
                "images_per_s": len(fake) / seconds, "peak_mib_per_image": peak,
                "kv_cache_kib_per_image": kv_cache_bytes(gen, s * gen.cfg.tokens_per_scale, settings.guidance != 1) / 1024}
         if ev is not None:
-            res = ev.compare_features(ev.features(_real_at(images_uri, cfg, factor), desc=f"real {R // factor}px"),
+            res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
                                       ev.features(torch.split(fake, cfg.batch_size), desc=f"generated {R // factor}px"))
             row |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
         rows.append(row)

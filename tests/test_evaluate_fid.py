@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from conftest import tiny_configs, write_demo
+from coarse2fine.evaluate import image_sets
 from coarse2fine.evaluate.config import EvaluateConfig
 from coarse2fine.evaluate.fid import STATS_DIR, Evaluator
 from coarse2fine.evaluate.inception import InceptionFeatureExtractor
@@ -103,11 +104,17 @@ def test_reference_features_cached_next_to_dataset_and_cli(tmp_path, capsys):
     first = ev.reference_features(uri)
     fs, path = schema.url_to_fs(schema.join(uri, STATS_DIR))
     (cached,) = fs.ls(path)
+    half = ev.reference_features(uri, factor=2)  # the real data at 16 px: its own cache entry
+    assert len(fs.ls(path)) == 2 and np.abs(half - first).max() > 1e-2
+    pooled = [torch.nn.functional.avg_pool2d(b, 2) for b in image_sets.iter_batches(uri, 4)]
+    np.testing.assert_allclose(half, ev.features(pooled), rtol=1e-4, atol=1e-4)
+
     def no_network(*args, **kwargs):
         raise AssertionError("cached reference features were recomputed")
 
     ev.features = no_network  # a second call must read the cache
     np.testing.assert_allclose(ev.reference_features(uri), first, rtol=1e-6)
+    np.testing.assert_allclose(ev.reference_features(uri, factor=2), half, rtol=1e-6)
     assert schema.read_table(uri).num_rows == 6  # the dataset itself is untouched
     assert main(["fid", uri, str(src), "--set", "evaluate.kid_subset_size=6", "--set", "evaluate.kid_subsets=2"]) == 0
     out = capsys.readouterr().out
