@@ -87,8 +87,8 @@ class Evaluator:
 
     def features(self, source: str | Iterable[torch.Tensor], split: str | None = None, desc: str = "features",
                  factor: int = 1) -> np.ndarray:
-        """Features of an image set (a URI, or batches); ``factor`` > 1 block-averages a URI's
-        images by it first (the real data at a coarser resolution)."""
+        """Features of an image set (a URI, or batches); ``factor`` > 1 block-averages the images
+        by it first (the real data at a coarser resolution)."""
         batches = (image_sets.iter_batches(source, self.cfg.batch_size, self.cfg.max_samples, split)
                    if isinstance(source, str) else source)
         if factor > 1:

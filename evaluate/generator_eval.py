@@ -25,8 +25,9 @@ from coarse2fine.evaluate.config import EvaluateConfig
 from coarse2fine.evaluate.fid import Evaluator, resolve_device
 from coarse2fine.evaluate.metrics import reconstruction_metrics
 from coarse2fine.evaluate.tokenizer_eval import held_out
-from coarse2fine.train.generate import SampleSettings, generate, upsample
-from coarse2fine.train.models.io import load_generator, load_tokenizer
+from coarse2fine.train.generate import generate, upsample
+from coarse2fine.train.methods.base import SampleSettings
+from coarse2fine.train.checkpoints import load_generator, load_tokenizer
 
 
 @dataclass

@@ -1,12 +1,10 @@
 """Multi-resolution reconstruction evaluation of a trained tokenizer (SIT seed, Table 1 in miniature).
 
-For each resolution R/2^k: a SIT-SC model (scale-causal encoder and decoder) encodes and decodes
-the low-resolution image natively with its first S-k scales; any other model (the ViT-VQGAN
-baseline, dense SIT) gets the input upsampled (bilinear) to R and its output averaged back down to
-R/2^k, as the seed does for its baseline (§5.1). Low-resolution inputs are 2^k-block averages of the
-held-out images. Reported per resolution: PSNR, SSIM (when the side is at least the 11-px SSIM
+For each resolution the tokenizer method lists (R, R/2, … for SIT), its ``reconstruct`` encodes and
+decodes the held-out images block-averaged to that resolution (natively, or through R: see the
+method). Works for any registered tokenizer method. Reported per resolution: PSNR, SSIM (when the side is at least the 11-px SSIM
 window), L1, rFID (Inception features of originals vs reconstructions, n stated), encode+decode
-images/s and tokens per image; at full resolution also codebook usage and unique-token ratio per scale.
+images/s and tokens per image; at full resolution also codebook usage and unique-token ratio per token group (SIT: per scale).
 """
 
 from __future__ import annotations
@@ -22,7 +20,8 @@ from coarse2fine.evaluate.config import EvaluateConfig
 from coarse2fine.evaluate.fid import Evaluator, resolve_device
 from coarse2fine.evaluate.metrics import codebook_usage, reconstruction_metrics, unique_token_ratio
 from coarse2fine.preprocess import schema
-from coarse2fine.train.models.io import load_tokenizer
+from coarse2fine.train.checkpoints import load_model
+from coarse2fine.train.methods.base import usage_groups
 
 SSIM_WINDOW = 11  # Gaussian window of the SSIM (σ = 1.5), torchmetrics' default
 
@@ -46,42 +45,21 @@ def held_out(images_uri: str, limit: int) -> tuple[torch.Tensor, list[int | None
 
 
 
-@torch.no_grad()
-def reconstruct(model, x_B3rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstruction at the input's resolution (native or via up/down-sampling) and token ids."""
-    R, r = model.cfg.resolution, x_B3rr.shape[-1]
-    native = r == R or (model.cfg.causal_encoder and model.cfg.causal_decoder and model.cfg.num_scales > 1)
-    if native:
-        recon, idx, _, _ = model(x_B3rr)
-        return recon.clamp(0, 1), idx
-    up = F.interpolate(x_B3rr, size=(R, R), mode="bilinear", align_corners=False)
-    recon, idx, _, _ = model(up)
-    return F.avg_pool2d(recon.clamp(0, 1), R // r), idx
-
-
-def default_resolutions(model) -> list[int]:
-    """R, R/2, … : every resolution a SIT-SC model handles natively (the baseline gets the same list,
-    at least 8 px)."""
-    R, S = model.cfg.resolution, model.cfg.num_scales
-    levels = S if S > 1 else max(1, int(np.log2(R // 8)) + 1)
-    return [R >> k for k in range(levels) if (R >> k) >= 8 or k == 0]
-
-
 def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfig,
                         resolutions: list[int] | None = None, with_fid: bool = True) -> TokenizerReport:
     device = resolve_device(cfg.device)
-    model = load_tokenizer(checkpoint_uri, device)
+    method, model = load_model(checkpoint_uri, device, "tokenizer")
     x, _ = held_out(images_uri, cfg.max_samples)
     R = model.cfg.resolution
     assert x.shape[-1] == R, f"images are {x.shape[-1]}px, the tokenizer was trained at {R}px"
     ev = Evaluator(cfg) if with_fid else None
     rows, full_idx, full_recon = [], None, None
-    for r in resolutions or default_resolutions(model):
+    for r in resolutions or method.eval_resolutions(model.cfg):
         xr = F.avg_pool2d(x, R // r) if r != R else x  # (N, 3, r, r) block averages
         recon, idx = [], []
         t = time.perf_counter()
         for b in torch.split(xr, cfg.batch_size):
-            rb, ib = reconstruct(model, b.to(device))
+            rb, ib = method.reconstruct(model, b.to(device))
             recon.append(rb.cpu())
             idx.append(ib.cpu())
         seconds = time.perf_counter() - t
@@ -98,8 +76,10 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
         if r == R:
             full_idx, full_recon = idx_t, recon_t
     codebook = {}
-    for s in range(full_idx.shape[1]):
-        codebook[f"codebook_usage/scale_{s}"] = codebook_usage(full_idx[:, s], model.cfg.codebook_size)
-        codebook[f"unique_ratio/scale_{s}"] = unique_token_ratio(full_idx[:, s])
+    groups = usage_groups(method.layout(model.cfg))
+    ids_NGn = full_idx.reshape(len(full_idx), len(groups), -1) if groups else full_idx  # (N, groups, n)
+    for g, (name, vocab) in enumerate(groups):
+        codebook[f"codebook_usage/{name}"] = codebook_usage(ids_NGn[:, g], vocab)
+        codebook[f"unique_ratio/{name}"] = unique_token_ratio(ids_NGn[:, g])
     n = min(8, len(x))
     return TokenizerReport(rows, codebook, torch.cat([x[:n], full_recon[:n]]).numpy())

@@ -71,9 +71,9 @@ def demo_data(
 
 
 def _run_preprocess(cfg: Config) -> list:
-    from coarse2fine.preprocess.beam_jobs import preprocess_all
+    from coarse2fine.pipelines import stages
 
-    results = preprocess_all(cfg.data, cfg.preprocess, cfg.storage)
+    results = stages.preprocess(cfg)
     table = Table(title="preprocess")
     for col in ("stage", "dataset", "rows", "status"):
         table.add_column(col)
@@ -217,6 +217,18 @@ def compare(
     out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 
 
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered tokenizer and generator methods, their config sections and capabilities."""
+    from coarse2fine.train import methods
+
+    rows = [("tokenizer", name, m.summary, f"tokenizer.{name}", "") for name, m in methods.TOKENIZERS.items()]
+    rows += [("generator", name, m.summary, f"generator.{name}", ", ".join(sorted(m.capabilities)) or "-")
+             for name, m in methods.GENERATORS.items()]
+    _print_table("methods (select with tokenizer.method / generator.method)",
+                 ["kind", "method", "what", "config section", "capabilities"], rows, "{}")
+
+
 @app.command("train-tokenizer")
 def train_tokenizer(
     config: Optional[List[Path]] = ConfigOpt,
@@ -224,12 +236,11 @@ def train_tokenizer(
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                              help="Stop (with a checkpoint) after this many total steps; re-run to resume."),
 ) -> None:
-    """Train the configured tokenizer (tokenizer.method: sit | vit_vq) under Ray Train; resumes if interrupted."""
+    """Train the configured tokenizer (tokenizer.method, see `c2f methods`) under Ray Train; resumes if interrupted."""
     from coarse2fine.pipelines import stages
 
     res = stages.train_tokenizer(_config(config, set_), stop_after)
-    out.print(f"tokenizer run {res['run_id']} ({'reused' if res['reused'] == 'yes' else 'trained'}); "
-              f"checkpoint {res['checkpoint']}")
+    out.print(f"tokenizer run {res.run_id} ({'reused' if res.reused else 'trained'}); checkpoint {res.checkpoint}")
 
 
 @app.command()
@@ -238,7 +249,8 @@ def tokenize(
     config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Beam job: encode every image into token ids per scale, the tokens/{fingerprint} dataset."""
+    """Beam job: encode every image into the tokenizer method's token columns, the tokens/{fingerprint}
+    dataset (its manifest records the layout)."""
     from coarse2fine.pipelines import stages
 
     res = stages.tokenize(_config(config, set_), run)
@@ -270,13 +282,13 @@ def train_generator(
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                              help="Stop (with a checkpoint) after this many total steps; re-run to resume."),
 ) -> None:
-    """Train AR-SIT (generator section) on the configured tokenizer's token shards under Ray Train;
-    trains/tokenizes the tokenizer first if needed, resumes if interrupted, reuses a finished run."""
+    """Train the configured generator (generator.method, see `c2f methods`) on the configured
+    tokenizer's token shards under Ray Train; trains/tokenizes the tokenizer first if needed, resumes
+    if interrupted, reuses a finished run."""
     from coarse2fine.pipelines import stages
 
     res = stages.train_generator(_config(config, set_), stop_after)
-    out.print(f"generator run {res['run_id']} ({'reused' if res['reused'] == 'yes' else 'trained'}); "
-              f"checkpoint {res['checkpoint']}")
+    out.print(f"generator run {res.run_id} ({'reused' if res.reused else 'trained'}); checkpoint {res.checkpoint}")
 
 
 RunOpt = typer.Option(..., "--run", help="MLflow run id of a finished generator run.")
@@ -306,9 +318,9 @@ def generate(
 ) -> None:
     """Sample images coarse to fine (KV-cached). With --stop-scale, a quick coarse preview whose
     token ids `c2f refine` continues."""
-    from coarse2fine.pipelines import stages
+    from coarse2fine.pipelines import apps
 
-    res = stages.generate(_config(config, set_), run, n, label, stop_scale, seed, str(out_png),
+    res = apps.generate(_config(config, set_), run, n, label, stop_scale, seed, str(out_png),
                           **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({n} images, {res['resolution']}px, {res['num_tokens']} tokens each) "
               f"and {res['tokens']}; logged to run {run}")
@@ -326,9 +338,9 @@ def refine(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Continue chosen coarse previews to finer scales (their tokens are kept unchanged)."""
-    from coarse2fine.pipelines import stages
+    from coarse2fine.pipelines import apps
 
-    res = stages.refine(_config(config, set_), run, str(tokens), select, stop_scale, seed, str(out_png),
+    res = apps.refine(_config(config, set_), run, str(tokens), select, stop_scale, seed, str(out_png),
                         **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['resolution']}px) and {res['tokens']}")
 
@@ -345,9 +357,9 @@ def upsample(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Upsample: encode the low-resolution image into the first scales (scale-causal encoder), generate the rest."""
-    from coarse2fine.pipelines import stages
+    from coarse2fine.pipelines import apps
 
-    res = stages.upsample(_config(config, set_), run, [str(p) for p in image], label, seed, str(out_png),
+    res = apps.upsample(_config(config, set_), run, [str(p) for p in image], label, seed, str(out_png),
                           **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['input_resolution']}px → {res['resolution']}px)")
 
@@ -364,9 +376,9 @@ def edit(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Edit: keep the coarse scales of an image and regenerate the finer ones under a new class."""
-    from coarse2fine.pipelines import stages
+    from coarse2fine.pipelines import apps
 
-    res = stages.edit(_config(config, set_), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
+    res = apps.edit(_config(config, set_), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
                       **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} (kept {res['keep_scales']} scale(s))")
 

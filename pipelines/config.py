@@ -12,7 +12,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from coarse2fine.evaluate.config import EvaluateConfig, TrackingConfig
-from coarse2fine.train.config import GeneratorConfig, RayConfig, TokenizerConfig, TrainConfig
+from coarse2fine.train import methods
+from coarse2fine.train.config import GeneratorConfig, RayConfig, TokenizerConfig
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -32,7 +33,6 @@ class Config(Section):
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -60,11 +60,23 @@ def _apply_override(tree: dict, item: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _moved(loc: tuple) -> str:
+    """Where a key of the configs before the method registry lives now ('' if it is just unknown)."""
+    if loc == ("train",):
+        return "; tokenizer training settings live in tokenizer.train"
+    if len(loc) == 2 and loc[0] in ("tokenizer", "generator"):
+        registry = methods.TOKENIZERS if loc[0] == "tokenizer" else methods.GENERATORS
+        owners = [name for name, m in registry.items() if loc[1] in m.params.model_fields]
+        if owners:
+            return f"; method parameters live in {' / '.join(f'{loc[0]}.{o}.{loc[1]}' for o in owners)}"
+    return ""
+
+
 def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" + _moved(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 

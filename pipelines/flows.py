@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from coarse2fine.pipelines import stages
 from coarse2fine.pipelines.config import Config, load_config
+from coarse2fine.pipelines.runs import RunRef
 
 RETRIES = 2
 RETRY_DELAY_S = 10
@@ -81,13 +82,12 @@ def preprocess_task(cfg: Config) -> list[dict[str, Any]]:
 
 
 @_task("train", task_run_name="train-{kind}")
-def train_task(cfg: Config, kind: str, warm_start: bool, inputs: dict[str, str]) -> dict[str, str]:
+def train_task(cfg: Config, kind: str, warm_start: bool, inputs: dict[str, str]) -> RunRef:
     """Train (resume, reuse) the tokenizer or the generator on the ``inputs`` (dataset URIs, run ids)
     the earlier steps of this flow run produced."""
     fit = {"tokenizer": stages.train_tokenizer, "generator": stages.train_generator}[kind]
     res = fit(cfg, warm_start=warm_start, **inputs)
-    get_run_logger().info("%s: %s run %s", kind, "reused finished" if res["reused"] == "yes" else "trained",
-                          res["run_id"])
+    get_run_logger().info("%s: %s run %s", kind, "reused finished" if res.reused else "trained", res.run_id)
     return res
 
 
@@ -124,13 +124,13 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
     datasets = preprocess_task(cfg)
     images_uri = next(d["uri"] for d in datasets if d["dataset"] == "images")
     tok = train_task(cfg, "tokenizer", retrain, {"images_uri": images_uri})
-    tok_eval = evaluate_task(cfg, tok["run_id"])
-    tokens = tokenize_task(cfg, tok["run_id"])
+    tok_eval = evaluate_task(cfg, tok.run_id)
+    tokens = tokenize_task(cfg, tok.run_id)
     datasets.append(tokens)
-    gen = train_task(cfg, "generator", retrain, {"tokenizer_run": tok["run_id"], "tokens_uri": tokens["uri"]})
-    gen_eval = evaluate_task(cfg, gen["run_id"])
-    summary = {"datasets": datasets, "runs": [tok_eval | {"trained": tok["reused"] != "yes"},
-                                              gen_eval | {"trained": gen["reused"] != "yes"}],
+    gen = train_task(cfg, "generator", retrain, {"tokenizer_run": tok.run_id, "tokens_uri": tokens["uri"]})
+    gen_eval = evaluate_task(cfg, gen.run_id)
+    summary = {"datasets": datasets, "runs": [tok_eval | {"trained": not tok.reused, "method": cfg.tokenizer.method},
+                                              gen_eval | {"trained": not gen.reused, "method": cfg.generator.method}],
                "tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
     get_run_logger().info("summary\n%s", format_summary(summary))
     return summary
@@ -144,7 +144,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"MLflow runs ({summary['tracking_uri']}, experiment {summary['experiment']}):")
     for r in summary["runs"]:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items())
-        lines.append(f"  {r['kind']:<10} {r['run_id']}  {'trained' if r['trained'] else 'reused '}  {metrics}")
+        lines.append(f"  {r['kind']:<10} {r.get('method', ''):<8} {r['run_id']}  "
+                     f"{'trained' if r['trained'] else 'reused '}  {metrics}")
         for g in r["grids"]:
             lines.append(f"             grid: {g}")
     lines.append(f"browse: mlflow ui --backend-store-uri {summary['tracking_uri']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
@@ -91,11 +92,53 @@ def decomposition_schema(resolution: int, order: int, dtype: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def tokens_schema(num_scales: int, grid: int) -> pa.Schema:
-    """``tokens/…``: ``ids_s`` = int32 token ids of scale s (0 = coarsest) on its grid×grid layout;
-    ``split`` copied from ``images`` (generators train on ``train`` only)."""
+TOKENS_LAYOUT_VERSION = 2  # v1 (no layout: equal square int32 grids per scale) is rebuilt, see README
+TOKEN_ROLES = ("scale", "channel", "base", "detail", "latent")
+
+
+@dataclass(frozen=True)
+class TokenColumn:
+    """One token column of a ``tokens`` dataset: per-row tensor ``shape`` and ``dtype`` (``int32``
+    code ids with ``vocab`` codes, or ``float16`` continuous latents with ``vocab`` 0), and its
+    ``role`` in the method's sequence (a SIT scale, a CQ channel set, a CART base or detail map, a
+    FAR latent)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    vocab: int
+    role: str
+
+    def __post_init__(self) -> None:
+        assert self.role in TOKEN_ROLES, f"unknown token role {self.role!r}"
+        assert self.dtype in ("int32", "float16"), f"token dtype must be int32 or float16, not {self.dtype}"
+        assert (self.vocab > 0) == (self.dtype == "int32"), "int32 ids need a vocabulary, float latents none"
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def size(self) -> int:
+        """Tokens (ids) or values (latents) per row."""
+        return int(np.prod(self.shape))
+
+
+def layout_to_json(layout: list[TokenColumn]) -> list[dict]:
+    return [asdict(c) | {"shape": list(c.shape)} for c in layout]
+
+
+def layout_from_manifest(manifest: dict, uri: str) -> list[TokenColumn]:
+    """The token layout a ``tokens`` manifest records (a v1 dataset has none: rebuild it)."""
+    layout = manifest.get("config", {}).get("layout")
+    if layout is None:
+        raise IncompleteDatasetError(f"{uri} is a tokens dataset without a layout (schema v1): re-run "
+                                     "`c2f tokenize` (or the flow), which writes a v2 dataset beside it")
+    return [TokenColumn(**c) for c in layout]
+
+
+def tokens_schema(layout: list[TokenColumn]) -> pa.Schema:
+    """``tokens/…``: one tensor column per layout column (ids or latents), plus ``key``, ``label``
+    and ``split`` copied from ``images`` (generators train on ``train`` only)."""
     fields = [("key", pa.string()), ("label", pa.int32()), ("split", pa.string())]
-    fields += [(f"ids_{s}", tensor_type((grid, grid), "int32")) for s in range(num_scales)]
+    fields += [(c.name, tensor_type(c.shape, c.dtype)) for c in layout]
     return pa.schema(fields)
 
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from coarse2fine.train import methods
 from coarse2fine.train.generate import SampleSettings, decode, edit, encode_prefix, generate, upsample
 from coarse2fine.train.models.arsit import ARSITConfig, build_generator
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 from coarse2fine.train.sampling import filter_logits, guided_logits, sample_tokens
 from coarse2fine.train.steps import drop_condition, generator_train_step, warmup_cosine
+
+LOSS = methods.generator("ar_sit").loss
 
 S, N, V, C = 3, 4, 16, 3
 
@@ -139,7 +142,7 @@ def test_training_step_feeds_the_null_class_at_the_configured_rate(prob):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     torch.manual_seed(3)
     B = 4000
-    generator_train_step(m, opt, sched, torch.randint(0, V, (B, S * N)), torch.ones(B, dtype=torch.long))
+    generator_train_step(m, opt, sched, torch.randint(0, V, (B, S * N)), torch.ones(B, dtype=torch.long), LOSS)
     (classes,) = seen
     assert set(classes.unique().tolist()) <= {1, C}
     rate = (classes == C).double().mean().item()
@@ -177,9 +180,9 @@ def test_a_tiny_model_learns_its_sequences_on_cpu():
     labels = torch.arange(4)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(300, 0.05))
-    first = generator_train_step(m, opt, sched, data, labels)["loss"]
+    first = generator_train_step(m, opt, sched, data, labels, LOSS)["loss"]
     for _ in range(299):
-        last = generator_train_step(m, opt, sched, data, labels)
+        last = generator_train_step(m, opt, sched, data, labels, LOSS)
     assert first > 0.8 * math.log(V) and last["loss"] < 0.1 * math.log(V)
     assert all(k in last for k in ("nll/scale_0", "nll/scale_2", "grad_norm", "lr"))
     out = sample_tokens(m, labels, S * N, top_k=1, generator=torch.Generator().manual_seed(0))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import mlflow
 import pytest
 import torch
 
 from coarse2fine.pipelines.cli import main
 from coarse2fine.preprocess import schema
-from coarse2fine.train.models.io import load_tokenizer
+from coarse2fine.train.checkpoints import load_tokenizer
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def sets(tmp: Path, *extra: str) -> list[str]:
 
 def test_demo_train_evaluate_compare(tmp_path, capsys):
     import ray
+    from PIL import Image
 
     try:
         assert main(["demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]) == 0
@@ -60,6 +62,15 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         _, idx, _ = model.encode(x)
         for s in range(3):
             assert schema.tensor_numpy(row.column(f"ids_{s}"))[0].ravel().tolist() == idx[0, s].tolist()
+        # tokens contract v2: the manifest records the layout; duckdb reads the listed shards
+        manifest = schema.read_manifest(tokens_uri)
+        assert manifest["config"]["layout_version"] == 2 and manifest["config"]["method"] == "sit"
+        assert manifest["config"]["layout"] == [{"name": f"ids_{s}", "shape": [2, 2], "dtype": "int32", "vocab": 64,
+                                                 "role": "scale"} for s in range(3)]
+        listed = [str(u) for u in schema.shard_uris(tokens_uri)]
+        first_key = row.column("key")[0].as_py()
+        via_duckdb = duckdb.sql(f"select ids_2 from read_parquet({listed}) where key = '{first_key}'").fetchall()
+        assert list(via_duckdb[0][0]) == idx[0, 2].tolist()
 
         # same config again: the finished tokenizer is reused, not retrained
         assert main(["train-tokenizer", *sets(tmp_path)]) == 0
@@ -80,6 +91,24 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
                      "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--png", str(tmp_path / "c.png")]) == 0
         table = capsys.readouterr().out
         assert "vit_vq" in table and "sit" in table and (tmp_path / "c.png").exists()
+
+        # the baseline feeds AR-SIT through the same registry path: one column of 16 tokens
+        vit = sets(tmp_path, "tokenizer.method=vit_vq")
+        assert main(["train-generator", *vit]) == 0
+        gen_run = capsys.readouterr().out.split("generator run ")[1].split()[0]
+        gen_tags = mlflow.get_run(gen_run).data.tags
+        assert gen_tags["c2f.tokenizer_run"] == resumed and gen_tags["c2f.method"] == "ar_sit"
+        layout = schema.read_manifest(gen_tags["c2f.tokens"])["config"]["layout"]
+        assert [(c["name"], c["shape"], c["vocab"]) for c in layout] == [("ids_0", [4, 4], 64)]
+        out_png = tmp_path / "vit.png"
+        assert main(["generate", "--run", gen_run, "--n", "2", "--out", str(out_png), *vit]) == 0
+        assert Image.open(out_png).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+        capsys.readouterr()
+        assert main(["generate", "--run", gen_run, "--stop-scale", "1", *vit]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "--stop-scale is not supported by generator method ar_sit over tokenizer method vit_vq" in err
+        assert "it supports: c2f generate" in err
+        assert main(["upsample", "--run", gen_run, "--image", str(out_png), *vit]) == 2
     finally:
         ray.shutdown()
 
@@ -96,8 +125,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     c2f = str(Path(sys.executable).with_name("c2f"))
     demo = [c2f, "demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]
     subprocess.run(demo, check=True, capture_output=True)
-    cmd = [c2f, "train-tokenizer", *sets(tmp_path, "train.max_steps=400", "train.checkpoint_every=20",
-                                         "train.log_every=1", "train.adversarial_weight=0")]
+    cmd = [c2f, "train-tokenizer", *sets(tmp_path, "tokenizer.train.max_steps=400",
+                                         "tokenizer.train.checkpoint_every=20", "tokenizer.train.log_every=1",
+                                         "tokenizer.train.adversarial_weight=0")]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_root = tmp_path / "store" / "checkpoints"
     deadline = time.time() + 240

@@ -60,15 +60,15 @@ def test_tokenizer_training_reads_and_checkpoints_on_gs(gcs, demo_folder):
     from coarse2fine.preprocess.beam_jobs import ingest
     from coarse2fine.train.config import TokenizerConfig, TrainConfig
     from coarse2fine.train.launch import fit_tokenizer
-    from coarse2fine.train.models.io import load_tokenizer
+    from coarse2fine.train.checkpoints import load_tokenizer
 
     data, pre, store = tiny_configs(str(demo_folder), f"{gcs}/train-store")
     images_uri = ingest(data, pre, store).uris["images"]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)  # inherits the emulator env
     try:
-        res = fit_tokenizer(images_uri, TokenizerConfig(num_scales=3, tokens_per_scale=4, size="tiny", codebook_size=64),
-                            TrainConfig(max_steps=2, batch_size=4, checkpoint_every=2, adversarial_weight=0),
-                            32, f"{gcs}/train-store/checkpoints", "gs-run")
+        tok = TokenizerConfig(sit={"num_scales": 3, "tokens_per_scale": 4, "size": "tiny", "codebook_size": 64},
+                              train=TrainConfig(max_steps=2, batch_size=4, checkpoint_every=2, adversarial_weight=0))
+        res = fit_tokenizer(images_uri, tok, 32, f"{gcs}/train-store/checkpoints", "gs-run")
     finally:
         ray.shutdown()
     assert res.steps == 2 and res.checkpoint_uri.startswith(f"{gcs}/train-store/checkpoints/gs-run/")

@@ -354,7 +354,7 @@ def test_rayjob_entrypoint_is_a_valid_c2f_command():
     assert cfg.ray.num_cpus is None, "ray.init refuses num_cpus when joining a cluster: add --set ray.num_cpus=null"
     assert cfg.storage.root.startswith("gs://") and cfg.data.source.startswith("gs://")
     assert cfg.tracking.uri.startswith("http")
-    assert cfg.train.use_gpu
+    assert cfg.tokenizer.train.use_gpu
 
     # Enough GPUs for the Ray Train workers (one each).
     groups = _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
@@ -363,7 +363,7 @@ def test_rayjob_entrypoint_is_a_valid_c2f_command():
         for c in g["template"]["spec"]["containers"]:
             limit = int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
             gpus += g["replicas"] * limit
-    assert gpus >= cfg.train.num_workers
+    assert gpus >= cfg.tokenizer.train.num_workers
 
 
 def test_rayjob_entrypoint_rejects_a_bad_override():

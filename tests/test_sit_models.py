@@ -120,7 +120,7 @@ def test_low_resolution_input_is_encoded_natively_with_the_first_scales():
 def test_baseline_is_pixel_vit_with_one_codebook():
     torch.manual_seed(0)
     vit = build_tokenizer(SITConfig(resolution=32, num_scales=1, tokens_per_scale=16, size="tiny", codebook_size=64))
-    recon, idx, aux, _ = vit(torch.rand(2, 3, 32, 32))
+    recon, idx, losses = vit(torch.rand(2, 3, 32, 32))
     assert recon.shape == (2, 3, 32, 32) and idx.shape == (2, 1, 16)
     assert vit.cfg.patch_dim(0) == 3 * 8 * 8
 
@@ -139,6 +139,8 @@ def test_tiny_sit_overfits_16_demo_images():
     from coarse2fine.evaluate.metrics import reconstruction_metrics
     from coarse2fine.preprocess.demo_data import demo_crops
     from coarse2fine.train.losses import LossWeights
+    from coarse2fine.train import methods
+    from coarse2fine.train.methods.base import usage_groups
     from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, warmup_cosine
 
     torch.manual_seed(0)
@@ -152,8 +154,9 @@ def test_tiny_sit_overfits_16_demo_images():
     before = psnr()
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(300))
+    groups = usage_groups(methods.tokenizer("sit").layout(m.cfg))
     for _ in range(300):
-        metrics = tokenizer_train_step(m, opt, sched, x, LossWeights())
+        metrics = tokenizer_train_step(m, opt, sched, x, LossWeights(), groups=groups)
     assert 0 < metrics["batch_usage/scale_2"] <= 1
     after = psnr()
     assert np.isfinite(metrics["loss"])

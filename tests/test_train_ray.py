@@ -13,7 +13,7 @@ from coarse2fine.preprocess.beam_jobs import ingest
 from coarse2fine.train.config import TokenizerConfig, TrainConfig
 from coarse2fine.train.data import batch_indices
 from coarse2fine.train.launch import fit_tokenizer
-from coarse2fine.train.models.io import load_tokenizer
+from coarse2fine.train.checkpoints import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,12 @@ def images_uri(tmp_path_factory):
     return ingest(data.model_copy(update={"validation_fraction": 0.0}), pre, store).uris["images"]
 
 
-TOK = TokenizerConfig(num_scales=3, tokens_per_scale=4, size="tiny", codebook_size=64)
+TOK_PARAMS = {"num_scales": 3, "tokens_per_scale": 4, "size": "tiny", "codebook_size": 64}
 
 
-def train_cfg(**kw) -> TrainConfig:
+def tok_cfg(**kw) -> TokenizerConfig:
     base = dict(max_steps=8, batch_size=4, lr=3e-3, checkpoint_every=2, log_every=1, sample_every=4)
-    return TrainConfig(**(base | kw))
+    return TokenizerConfig(sit=TOK_PARAMS, train=TrainConfig(**(base | kw)))
 
 
 def losses(tracking: TrackingConfig, run_id: str) -> dict[int, float]:
@@ -65,12 +65,12 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
     tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t")
     ckpts = str(tmp_path / "checkpoints")
     full_id = new_run(tracking, "full")
-    fit_tokenizer(images_uri, TOK, train_cfg(), 32, ckpts, "full", logger=MlflowLogger(tracking, full_id))
+    fit_tokenizer(images_uri, tok_cfg(), 32, ckpts, "full", logger=MlflowLogger(tracking, full_id))
     part_id = new_run(tracking, "resumed")
-    first = fit_tokenizer(images_uri, TOK, train_cfg(), 32, ckpts, "resumed", stop_after=4,
+    first = fit_tokenizer(images_uri, tok_cfg(), 32, ckpts, "resumed", stop_after=4,
                           logger=MlflowLogger(tracking, part_id))
     assert first.steps == 4
-    second = fit_tokenizer(images_uri, TOK, train_cfg(), 32, ckpts, "resumed", logger=MlflowLogger(tracking, part_id))
+    second = fit_tokenizer(images_uri, tok_cfg(), 32, ckpts, "resumed", logger=MlflowLogger(tracking, part_id))
     assert second.steps == 8
     full, resumed = losses(tracking, full_id), losses(tracking, part_id)
     assert sorted(resumed) == list(range(8))  # no restart from 0, no skipped step
@@ -80,7 +80,7 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(full_id, "images")]
     assert any("reconstructions" in a for a in arts), arts
     model = load_tokenizer(second.checkpoint_uri)
-    recon, idx, _, _ = model(torch.rand(1, 3, 32, 32))
+    recon, idx, _ = model(torch.rand(1, 3, 32, 32))
     assert recon.shape == (1, 3, 32, 32) and idx.shape == (1, 3, 4)
 
 
@@ -120,7 +120,7 @@ def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):
                    f"{cfg['out']}/rank{rank}.pt")
         ray.train.report({"rank": rank})
 
-    TorchTrainer(loop, train_loop_config={"model": TOK.model_config_for(32), "out": str(out)},
+    TorchTrainer(loop, train_loop_config={"model": tok_cfg().model_config_for(32), "out": str(out)},
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "ckpt"))).fit()
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")

@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 
 from coarse2fine.preprocess.config import Section
-from coarse2fine.train.models.arsit import GENERATOR_SIZES
-from coarse2fine.train.models.sit import SITConfig
-
-
-class TokenizerConfig(Section):
-    """``method``: ``sit`` (spectral tokenizer) or ``vit_vq`` (spatial ViT-VQGAN baseline: one
-    scale of ``vit_vq_tokens`` pixel patches; default ``num_scales * tokens_per_scale`` so both see
-    the same sequence length, as in the seed's 1024 = 4 × 256 comparison; it must be a square)."""
-
-    method: Literal["sit", "vit_vq"] = "sit"
-    num_scales: int = Field(3, ge=1)
-    tokens_per_scale: int = Field(16, ge=1)
-    size: str = "tiny"
-    dec_size: Optional[str] = None
-    codebook_size: int = Field(1024, ge=2)
-    code_dim: int = Field(32, ge=1)
-    per_scale_codebooks: bool = True
-    per_scale_params: bool = True
-    causal_encoder: bool = True
-    causal_decoder: bool = True
-    beta: float = 0.25
-    entropy_weight: float = 0.002
-    vit_vq_tokens: Optional[int] = Field(None, ge=1)
-
-    def model_config_for(self, resolution: int) -> SITConfig:
-        """The model dataclass for images of ``resolution`` (raises ValueError on impossible shapes)."""
-        common = dict(size=self.size, dec_size=self.dec_size, codebook_size=self.codebook_size,
-                      code_dim=self.code_dim, beta=self.beta, entropy_weight=self.entropy_weight)
-        if self.method == "vit_vq":
-            return SITConfig(resolution=resolution, num_scales=1,
-                             tokens_per_scale=self.vit_vq_tokens or self.num_scales * self.tokens_per_scale,
-                             per_scale_codebooks=False, per_scale_params=False,
-                             causal_encoder=False, causal_decoder=False, **common)
-        return SITConfig(resolution=resolution, num_scales=self.num_scales, tokens_per_scale=self.tokens_per_scale,
-                         per_scale_codebooks=self.per_scale_codebooks, per_scale_params=self.per_scale_params,
-                         causal_encoder=self.causal_encoder, causal_decoder=self.causal_decoder, **common)
+from coarse2fine.train import methods
 
 
 class OptimConfig(Section):
@@ -79,24 +44,59 @@ class TrainConfig(OptimConfig):
 
 
 class GeneratorTrainConfig(OptimConfig):
-    """AR-SIT training (seed B.2): lr rising linearly to 4.5e-4 over the first 10% of the steps, then
+    """Generator training; defaults are AR-SIT's (seed B.2): lr rising linearly to 4.5e-4 over the first 10% of the steps, then
     exponential decay (the seed gives no rate: ``final_lr_frac``), softmax cross-entropy only."""
 
     lr: float = Field(4.5e-4, gt=0)
     schedule: Literal["cosine", "exponential"] = "exponential"
 
 
-class GeneratorConfig(Section):
-    """The generator trained on a tokenizer's ``tokens`` dataset, and its default sampling settings.
+RUN_ONLY_KEYS = {"log_every", "sample_every", "checkpoint_every", "torch_threads"}
+"""Training settings that change how a run is executed or logged, not what it computes: not fingerprinted."""
 
-    ``method``: ``ar_sit`` (coarse-to-fine AR over SIT tokens). ``size``: see
-    ``train/models/arsit.py`` (``parti-350m`` = seed B.2). ``eval_samples``: generated images per
-    stop scale for the FID table (SIT Table 2 analog).
-    """
 
-    method: Literal["ar_sit"] = "ar_sit"
-    size: str = "tiny"
-    cond_drop_prob: float = Field(0.1, ge=0, lt=1, description="null-class rate in training (CFG; Parti/LlamaGen)")
+class _ModelSection(Section):
+    """``method`` (a registry name), its training section and one parameter section per
+    registered method (``<kind>.<method>``); only the active method's section is fingerprinted."""
+
+    kind: ClassVar[str]
+    method: str
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        methods.get(cls.kind, v)  # raises with the registered names
+        return v
+
+    def method_plugin(self) -> methods.TokenizerMethod | methods.GeneratorMethod:
+        return methods.get(self.kind, self.method)
+
+    def params(self) -> Section:
+        """The active method's parameter section."""
+        return getattr(self, self.method)
+
+    def spec(self) -> dict:
+        """What determines the trained model besides its data and code: method, its parameters, training."""
+        return {"method": self.method, "params": self.params().model_dump(),
+                "train": self.train.model_dump(exclude=RUN_ONLY_KEYS)}
+
+
+class _TokenizerBase(_ModelSection):
+    kind = "tokenizer"
+    method: str = "sit"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def model_config_for(self, resolution: int):
+        """The active method's model dataclass for images of ``resolution`` (ValueError on impossible shapes)."""
+        return self.method_plugin().model_config(self.params(), resolution)
+
+
+class _GeneratorBase(_ModelSection):
+    """The generator trained on a tokenizer's ``tokens`` dataset, and its default sampling settings
+    (``eval_samples``: generated images per evaluation row, e.g. per stop scale for SIT Table 2)."""
+
+    kind = "generator"
+    method: str = "ar_sit"
     train: GeneratorTrainConfig = Field(default_factory=GeneratorTrainConfig)
     guidance: float = Field(2.0, ge=0, description="CFG scale used by generate/evaluate; 1 = off")
     temperature: float = Field(1.0, gt=0)
@@ -104,12 +104,19 @@ class GeneratorConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     eval_samples: int = Field(64, ge=2)
 
-    @field_validator("size")
-    @classmethod
-    def _known_size(cls, v: str) -> str:
-        if v not in GENERATOR_SIZES:
-            raise ValueError(f"unknown generator size {v!r}; choose from {sorted(GENERATOR_SIZES)}")
-        return v
+
+def _with_method_sections(base: type[_ModelSection], registry: dict, doc: str) -> type[_ModelSection]:
+    sections = {name: (m.params, Field(default_factory=m.params)) for name, m in registry.items()}
+    return create_model(base.__name__.lstrip("_").replace("Base", "Config"), __base__=base, __doc__=doc, **sections)
+
+
+TokenizerConfig = _with_method_sections(
+    _TokenizerBase, methods.TOKENIZERS,
+    "The tokenizer: ``method`` (" + ", ".join(methods.TOKENIZERS) + "), ``train`` and a section per method.")
+GeneratorConfig = _with_method_sections(
+    _GeneratorBase, methods.GENERATORS,
+    "The generator: ``method`` (" + ", ".join(methods.GENERATORS) + "), ``train``, sampling settings and a "
+    "section per method.")
 
 
 class RayConfig(Section):

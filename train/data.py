@@ -24,18 +24,20 @@ def decode_rows(keys: list[str], images: list[bytes], rank: int, world: int) -> 
     return torch.from_numpy(np.stack([schema.decode_image(images[i]) for i in order]))
 
 
-def token_rows(rows: dict[str, list], num_scales: int, null_class: int, rank: int, world: int
+def token_rows(rows: dict[str, list], layout: list[schema.TokenColumn], null_class: int, rank: int, world: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of a ``tokens`` dataset → this rank's sequences (n, S·N) scale-major and labels (n,);
-    a missing label becomes the null class."""
+    """Rows of a ``tokens`` dataset → this rank's sequences (n, L) — the layout's columns
+    flattened and concatenated in order; int64 ids, or float32 latents — and labels (n,); a
+    missing label becomes the null class."""
     order = sorted(range(len(rows["key"])), key=rows["key"].__getitem__)[rank::world]
     if not order:
         raise ValueError(f"rank {rank} of {world} has no token sequences")
-    ids = np.stack([np.concatenate([np.asarray(rows[f"ids_{s}"][i]).ravel() for s in range(num_scales)])
-                    for i in order])  # (n, S·N)
+    dtype = np.int64 if all(c.dtype == "int32" for c in layout) else np.float32
+    seqs = np.stack([np.concatenate([np.asarray(rows[c.name][i]).ravel() for c in layout])
+                     for i in order]).astype(dtype)  # (n, L)
     labels = [rows["label"][i] for i in order]
     labels = [null_class if lab is None or lab != lab or lab < 0 else int(lab) for lab in labels]
-    return torch.from_numpy(ids.astype(np.int64)), torch.tensor(labels)
+    return torch.from_numpy(seqs), torch.tensor(labels)
 
 
 def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1) -> torch.Tensor:

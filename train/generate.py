@@ -12,21 +12,12 @@ tokenizer and tensors; the CLI and the evaluation wrap them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from coarse2fine.train.methods.base import SampleSettings
 from coarse2fine.train.models.arsit import ARSIT
 from coarse2fine.train.models.sit import SpectralTokenizer
 from coarse2fine.train.sampling import sample_tokens
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    guidance: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 def check_pair(generator: ARSIT, tokenizer: SpectralTokenizer) -> None:

@@ -1,9 +1,8 @@
 """Training under Ray Train (``TorchTrainer``): DDP on CPU (gloo) or GPU (nccl), for every model.
 
-One generic per-worker loop; a :class:`Task` says what it trains (columns to read, model, step,
-preview): :class:`TokenizerTask` wraps :func:`train.steps.tokenizer_train_step`,
-:class:`GeneratorTask` wraps :func:`train.steps.generator_train_step`. Checkpoints
-(model, optimiser, scheduler, step, RNG) go to ``{storage.root}/checkpoints/{run name}`` (any
+One generic per-worker loop; a task (``train/tasks.py``) says what it trains (columns to read,
+model, step, preview) with what its method plug-in declares. Checkpoints (``train/checkpoints.py``:
+model, optimiser, scheduler, step, RNG, method and model config) go to ``{storage.root}/checkpoints/{run name}`` (any
 pyarrow/fsspec URI, gs:// included). Re-running with the same run name resumes from the latest
 checkpoint (Ray Train V2: same ``RunConfig(name, storage_path)``); batches are a pure function of
 the step (``train.data``), so the resumed loss curve continues the original one.
@@ -17,25 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-import fsspec
 import numpy as np
 import torch
 
 from coarse2fine.preprocess import schema
-from coarse2fine.train import data
-from coarse2fine.train.config import GeneratorTrainConfig, OptimConfig, RayConfig, TokenizerConfig, TrainConfig
-from coarse2fine.train.losses import LossWeights
-from coarse2fine.train.models.arsit import ARSITConfig, build_generator
-from coarse2fine.train.models.discriminator import PatchDiscriminator
-from coarse2fine.train.models.io import CHECKPOINT_FILE
-from coarse2fine.train.models.sit import SITConfig, build_tokenizer
-from coarse2fine.train.steps import (generator_train_step, tokenizer_eval_step, tokenizer_train_step, unwrap,
-                                     warmup_cosine)
+from coarse2fine.train import checkpoints, data
+from coarse2fine.train.config import OptimConfig, RayConfig, TokenizerConfig
+from coarse2fine.train.steps import unwrap, warmup_cosine
+from coarse2fine.train.tasks import GeneratorTask, Task, TokenizerTask
 
 log = logging.getLogger(__name__)
 
@@ -54,108 +46,39 @@ class FitResult:
     metrics: dict[str, float]
 
 
-class Task(Protocol):
-    """What the generic Ray Train loop needs from one kind of model (tokenizer, generator)."""
+def _read_rows(task: Task) -> dict[str, list]:
+    import ray.train
 
-    columns: list[str]  # dataset columns every worker reads
-    model_cfg: Any  # a dataclass, saved in the checkpoint as ``model_config``
-    betas: tuple[float, float]
-
-    def load(self, rows: dict[str, list], rank: int, world: int) -> int:
-        """Keep this rank's rows (decoded, in memory); return how many."""
-
-    def build(self) -> torch.nn.Module: ...
-
-    def extras(self) -> dict[str, torch.nn.Module]:
-        """Further trained modules with their own AdamW (the discriminator), by name."""
-
-    def train_step(self, model, optimizer, scheduler, extras: dict, idx: torch.Tensor, step: int,
-                   device: torch.device) -> dict[str, float]: ...
-
-    def preview(self, model, idx: torch.Tensor, device: torch.device) -> tuple[np.ndarray, str]:
-        """Images (N, 3, H, W) in [0, 1] for the logger and their grid's name."""
+    rows: dict[str, list] = {c: [] for c in task.columns}
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
+        for c in task.columns:
+            rows[c].extend(list(batch[c]))
+    return rows
 
 
-class TokenizerTask:
-    """SIT / ViT-VQGAN on the ``images`` dataset: L2 + quantizer terms (+ adversarial)."""
+def _trainables(task: Task, tcfg: OptimConfig) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The model, AdamW and schedule, and the extra modules with their optimisers, all prepared for
+    DDP; returned as the checkpoint's ``stateful`` dict and the task's ``extras``."""
+    import ray.train.torch
 
-    columns = ["key", "image"]
-    betas = (0.9, 0.99)
-
-    def __init__(self, model_cfg: SITConfig, train: TrainConfig) -> None:
-        self.model_cfg, self.train = model_cfg, train
-        self.weights = LossWeights(adversarial=train.adversarial_weight,
-                                   adversarial_start=int(train.adversarial_start * train.max_steps))
-
-    def load(self, rows, rank, world):
-        self.images = data.decode_rows(rows["key"], rows["image"], rank, world)
-        return len(self.images)
-
-    def build(self):
-        return build_tokenizer(self.model_cfg)
-
-    def extras(self):
-        return {"disc": PatchDiscriminator()} if self.train.adversarial_weight > 0 else {}
-
-    def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
-        disc, disc_opt = extras.get("disc", (None, None))
-        return tokenizer_train_step(model, optimizer, scheduler, self.images[idx].to(device), self.weights,
-                                    self.train.clip_norm, step, disc, disc_opt)
-
-    def preview(self, model, idx, device):
-        x = self.images[idx[:8]].to(device)
-        recon, _ = tokenizer_eval_step(model, x)
-        return torch.cat([x, recon]).float().cpu().numpy(), "reconstructions"
-
-
-class GeneratorTask:
-    """AR-SIT on a ``tokens`` dataset: cross-entropy over the full coarse-to-fine sequence.
-
-    Previews decode 8 class-conditional samples with the tokenizer (``tokenizer_uri``).
-    """
-
-    betas = (0.9, 0.95)  # VAR / LlamaGen (the seed gives none)
-
-    def __init__(self, model_cfg: ARSITConfig, train: GeneratorTrainConfig, tokenizer_uri: str) -> None:
-        self.model_cfg, self.train, self.tokenizer_uri = model_cfg, train, tokenizer_uri
-        self.columns = ["key", "label"] + [f"ids_{s}" for s in range(model_cfg.num_scales)]
-
-    def load(self, rows, rank, world):
-        self.ids, self.labels = data.token_rows(rows, self.model_cfg.num_scales, self.model_cfg.null_class, rank, world)
-        return len(self.ids)
-
-    def build(self):
-        return build_generator(self.model_cfg)
-
-    def extras(self):
-        return {}
-
-    def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
-        return generator_train_step(model, optimizer, scheduler, self.ids[idx].to(device),
-                                    self.labels[idx].to(device), self.train.clip_norm)
-
-    def preview(self, model, idx, device):
-        from coarse2fine.train.models.io import load_tokenizer
-        from coarse2fine.train.sampling import sample_tokens
-
-        tokenizer = load_tokenizer(self.tokenizer_uri, device)
-        cond = self.labels[idx[:8]].to(device)
-        ids = sample_tokens(unwrap(model), cond, self.model_cfg.seq_len,
-                            generator=torch.Generator(device).manual_seed(self.train.seed))
-        S, N = self.model_cfg.num_scales, self.model_cfg.tokens_per_scale
-        with torch.no_grad():
-            images = tokenizer.decode_indices(ids.view(-1, S, N)).clamp(0, 1)  # (8, 3, H, W)
-        return images.float().cpu().numpy(), "samples"
-
-
-def _save_state(path: str, task: Task, stateful: dict[str, Any], step: int) -> None:
-    state = {k: unwrap(v).state_dict() for k, v in stateful.items()}
-    state |= {"step": step, "rng": torch.get_rng_state(), "model_config": asdict(task.model_cfg)}
-    torch.save(state, os.path.join(path, CHECKPOINT_FILE))
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    model = ray.train.torch.prepare_model(task.build())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=task.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(tcfg.max_steps, tcfg.warmup_frac, tcfg.schedule, tcfg.final_lr_frac))
+    stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    extras = {}
+    for name, module in task.extras().items():
+        module = ray.train.torch.prepare_model(module)
+        opt = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                                betas=(0.5, 0.9))  # VQGAN's discriminator betas
+        extras[name] = (module, opt)
+        stateful |= {name: module, f"{name}_optimizer": opt}
+    return stateful, extras
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train worker: resume if a checkpoint exists, then train to ``max_steps``."""
+    """Ray Train worker: resume if a checkpoint exists (else warm start if asked), train to ``max_steps``."""
     import ray.train
     import ray.train.torch
 
@@ -164,46 +87,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-
-    rows: dict[str, list] = {c: [] for c in task.columns}
-    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
-        for c in task.columns:
-            rows[c].extend(list(batch[c]))
-    n = task.load(rows, rank, world)
+    n = task.load(_read_rows(task), rank, world)
     if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
         torch.set_num_threads(tcfg.torch_threads)
-
-    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(task.build())
-
-    def adamw(module):
-        return torch.optim.AdamW(module.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=task.betas)
-
-    optimizer = adamw(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(tcfg.max_steps, tcfg.warmup_frac, tcfg.schedule, tcfg.final_lr_frac))
-    extras = {}
-    for name, module in task.extras().items():
-        module = ray.train.torch.prepare_model(module)
-        extras[name] = (module, torch.optim.AdamW(module.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                                                  betas=(0.5, 0.9)))  # VQGAN's discriminator betas
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    for name, (module, opt) in extras.items():
-        stateful |= {name: module, f"{name}_optimizer": opt}
+    stateful, extras = _trainables(task, tcfg)
+    model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
     start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
-        for k, obj in stateful.items():
-            unwrap(obj).load_state_dict(state[k])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-    elif cfg.get("init_checkpoint"):  # warm start: weights of a finished run, fresh optimiser and schedule
-        with fsspec.open(posixpath.join(cfg["init_checkpoint"].rstrip("/"), CHECKPOINT_FILE), "rb") as f:
-            state = torch.load(f, map_location=device, weights_only=False)
-        for name in ["model", *extras]:
-            unwrap(stateful[name]).load_state_dict(state[name])
+            start = checkpoints.resume(stateful, checkpoints.read_state(d, device))
+    elif cfg.get("init_checkpoint"):
+        checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], device)
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
@@ -220,7 +114,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    _save_state(tmp, task, stateful, done)
+                    checkpoints.save_state(tmp, task.method.kind, task.method.name, task.model_cfg, stateful, done)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": done}, checkpoint=ckpt)
 
@@ -280,24 +174,23 @@ def fit(
     return FitResult(run_name, uri, int(result.metrics.get("step", 0)), dict(result.metrics))
 
 
-def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, train: TrainConfig, resolution: int,
-                  checkpoints_root: str, run_name: str, ray_cfg: RayConfig | None = None,
-                  logger: MetricsLogger | None = None, stop_after: int | None = None,
-                  init_checkpoint: str | None = None) -> FitResult:
-    """Train (or resume) a tokenizer on the ``train`` split of an ``images`` dataset."""
-    task = TokenizerTask(tokenizer.model_config_for(resolution), train)
-    return fit(task, images_uri, train, checkpoints_root, run_name, ray_cfg, logger, stop_after, "split == 'train'",
-               init_checkpoint)
+def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, checkpoints_root: str,
+                  run_name: str, ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
+                  stop_after: int | None = None, init_checkpoint: str | None = None) -> FitResult:
+    """Train (or resume) the configured tokenizer method on the ``train`` split of an ``images`` dataset."""
+    method = tokenizer.method_plugin()
+    task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train)
+    return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
+               "split == 'train'", init_checkpoint)
 
 
-def fit_generator(tokens_uri: str, model_cfg: ARSITConfig, train: GeneratorTrainConfig, tokenizer_uri: str,
-                  checkpoints_root: str, run_name: str, ray_cfg: RayConfig | None = None,
-                  logger: MetricsLogger | None = None, stop_after: int | None = None,
-                  init_checkpoint: str | None = None) -> FitResult:
-    """Train (or resume) AR-SIT on the ``train`` split of a ``tokens`` dataset (validation images
-    stay unseen, so upsampling/editing are evaluated on images the generator never trained on)."""
-    return fit(GeneratorTask(model_cfg, train, tokenizer_uri), tokens_uri, train, checkpoints_root, run_name,
-               ray_cfg, logger, stop_after, "split == 'train'", init_checkpoint)
+def fit_generator(tokens_uri: str, task: GeneratorTask, checkpoints_root: str, run_name: str,
+                  ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
+                  stop_after: int | None = None, init_checkpoint: str | None = None) -> FitResult:
+    """Train (or resume) a generator task on the ``train`` split of a ``tokens`` dataset (validation
+    images stay unseen, so upsampling/editing are evaluated on images the generator never trained on)."""
+    return fit(task, tokens_uri, task.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
+               "split == 'train'", init_checkpoint)
 
 
 def ray_storage(root: str):

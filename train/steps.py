@@ -28,19 +28,21 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "c
 
 
 def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weights: LossWeights,
-                         clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None) -> dict[str, float]:
+                         clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None,
+                         groups: list[tuple[str, int]] = ()) -> dict[str, float]:
     """One optimisation step on a batch of images in [0, 1]; returns scalar metrics, including the
-    share of each scale's codebook used by the batch (collapse shows from the first step).
+    share of each token group's codebook used by the batch (collapse shows from the first step):
+    ``groups`` = (name, vocabulary) of the groups along dim 1 of the model's indices.
 
     With a discriminator (and ``step >= weights.adversarial_start``) the tokenizer also gets the
     hinge generator loss and the discriminator one hinge step on real vs reconstructed images.
     """
     model.train()
-    recon, indices, aux, terms = model(x_B3HW)
+    recon, indices, losses = model(x_B3HW)
     l2 = reconstruction_loss(recon, x_B3HW)
-    loss = weights.l2 * l2 + aux
+    loss = weights.l2 * l2 + losses["aux"]
     adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
-    scalars = {"l2": l2, "aux": aux, **terms}
+    scalars = {"l2": l2, **losses}
     if adversarial:
         g_adv = generator_hinge(disc(recon))
         loss = loss + weights.adversarial * g_adv
@@ -58,8 +60,8 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
         disc_optimizer.step()
         scalars["d_loss"] = d_loss
     scalars["loss"] = loss
-    k = unwrap(model).cfg.codebook_size
-    usage = {f"batch_usage/scale_{s}": indices[:, s].unique().numel() / k for s in range(indices.shape[1])}
+    ids_BGn = indices.reshape(len(indices), len(groups), -1) if groups else indices  # (B, groups, n)
+    usage = {f"batch_usage/{name}": ids_BGn[:, g].unique().numel() / vocab for g, (name, vocab) in enumerate(groups)}
     return {k: v.item() for k, v in scalars.items()} | usage | {"lr": scheduler.get_last_lr()[0]}
 
 
@@ -72,7 +74,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def tokenizer_eval_step(model, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruction (clamped to [0, 1]) and token ids of a batch."""
     model.eval()
-    recon, indices, _, _ = model(x_B3HW)
+    recon, indices, _ = model(x_B3HW)
     return recon.clamp(0, 1), indices
 
 
@@ -83,22 +85,19 @@ def drop_condition(labels_B: torch.Tensor, null_class: int, prob: float, generat
     return torch.where(drop, torch.full_like(labels_B, null_class), labels_B)
 
 
-def generator_train_step(model, optimizer, scheduler, ids_BL: torch.Tensor, labels_B: torch.Tensor,
+def generator_train_step(model, optimizer, scheduler, tokens: torch.Tensor, labels_B: torch.Tensor, loss_fn,
                          clip_norm: float = 1.0) -> dict[str, float]:
-    """One step of softmax cross-entropy on full token sequences (seed B.2: the only loss); the
-    condition is dropped to the null class at the model's ``cond_drop_prob``. Reports the loss per
-    scale (nats/token; chance level is ln V)."""
+    """One step of the generator method's loss ``loss_fn(model, tokens, cond) -> (loss, parts)`` on
+    a batch of token sequences; the condition is dropped to the null class at the model's
+    ``cond_drop_prob`` (classifier-free guidance training)."""
     model.train()
     cfg = unwrap(model).cfg
     cond = drop_condition(labels_B, cfg.null_class, cfg.cond_drop_prob)
-    logits = model(ids_BL, cond)  # (B, L, V)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids_BL.flatten(), reduction="none")
-    loss = nll.mean()
+    loss, parts = loss_fn(model, tokens, cond)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     scheduler.step()
-    per_scale = nll.detach().view(ids_BL.shape[0], cfg.num_scales, cfg.tokens_per_scale).mean((0, 2))  # (S,)
     return ({"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
-            | {f"nll/scale_{s}": v for s, v in enumerate(per_scale.tolist())})
+            | {k: float(v) for k, v in parts.items()})

@@ -178,9 +178,11 @@ class SpectralTokenizer(nn.Module):
         return self.scales_to_image(self.decode(self.quantizer.indices_to_codes(indices_BSN)))
 
     def forward(self, x_B3HW: torch.Tensor):
-        """Reconstruction in [0, 1] (unclamped), indices, aux_loss, quantizer terms."""
+        """The tokenizer contract: (reconstruction in [0, 1] (unclamped) (B, 3, H, W), indices
+        (B, S', N), losses): ``losses["aux"]`` is the quantizer loss to add to the objective, the
+        other entries its terms (for logging)."""
         q, indices, aux, terms = self.encode(x_B3HW, return_terms=True)
-        return self.scales_to_image(self.decode(q)), indices, aux, terms
+        return self.scales_to_image(self.decode(q)), indices, {"aux": aux, **terms}
 
 
 def build_tokenizer(cfg: SITConfig) -> SpectralTokenizer:

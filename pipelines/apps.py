@@ -1,0 +1,152 @@
+"""Sampling applications of a finished generator run: generate (with early stop), refine,
+upsample and edit. Each loads the generator and its tokenizer with the methods their checkpoints
+record, checks that the pair supports what is asked (one-line error naming the method and what
+it supports), writes a PNG grid and logs it to the generator's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coarse2fine.evaluate import tracking
+from coarse2fine.pipelines import runs
+from coarse2fine.pipelines.config import Config
+from coarse2fine.pipelines.stages import sample_settings
+
+
+@dataclass
+class Pair:
+    """A generator, its tokenizer, their methods and the class names the generator was trained on."""
+
+    method: object
+    generator: torch.nn.Module
+    tok_method: object
+    tokenizer: torch.nn.Module
+    classes: list[str]
+
+    def require(self, capability: str) -> None:
+        self.method.require(capability, self.tok_method, self.tokenizer.cfg)
+
+    def condition(self, label: str | None, n: int, device) -> torch.Tensor:
+        return torch.full((n,), class_id(label, self.classes, self.generator.cfg.null_class), device=device)
+
+
+def _load_pair(cfg: Config, run_id: str) -> tuple[Pair, torch.device]:
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.checkpoints import load_model
+
+    device = resolve_device(cfg.evaluate.device)
+    tags = runs.finished_run(cfg.tracking, run_id, "generator")
+    method, gen = load_model(tags[runs.CHECKPOINT_TAG], device, "generator")
+    tok_method, tok = load_model(tags["c2f.tokenizer_checkpoint"], device, "tokenizer")
+    return Pair(method, gen, tok_method, tok, json.loads(tags.get("c2f.classes", "[]"))), device
+
+
+def class_id(label: str | None, classes: list[str], null_class: int) -> int:
+    """A class given by name or index (None = the null class, unconditional)."""
+    if label is None:
+        return null_class
+    if label in classes:
+        return classes.index(label)
+    if label.isdigit() and int(label) < null_class:  # null_class = number of classes
+        return int(label)
+    raise KeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
+
+
+def _save_grid(images_NCHW, out: str, run_id: str, nrow: int | None = None) -> None:
+    """Write a PNG grid to ``out`` and log it to the run under ``samples/``."""
+    from PIL import Image
+
+    Image.fromarray(tracking.image_grid(images_NCHW, nrow)).save(out)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(out, "samples")
+
+
+def _save_samples(ids, cond, images, run_id: str, seed: int, out: str) -> dict:
+    """The grid PNG ``out`` and the token ids ``{out}.tokens.npz`` (what :func:`refine` continues),
+    both logged to the generator's run under ``samples/``."""
+    tokens_file = f"{out}.tokens.npz"
+    np.savez(tokens_file, ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
+    _save_grid(images.float().cpu().numpy(), out, run_id)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(tokens_file, "samples")
+    return {"grid": out, "tokens": tokens_file, "resolution": images.shape[-1], "num_tokens": ids.shape[1]}
+
+
+def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: int | None, seed: int, out: str,
+             **settings) -> dict:
+    """Sample ``n`` images (stopped after ``stop_scale``), write the grid PNG and the token ids
+    (``{out}.tokens.npz``, the input of :func:`refine`), log both to the generator's run."""
+    pair, device = _load_pair(cfg, run_id)
+    if stop_scale is not None:
+        pair.require("stop_scale")
+    cond = pair.condition(label, n, device)
+    ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
+                                     stop_scale)
+    return _save_samples(ids, cond, images, run_id, seed, out)
+
+
+def refine(cfg: Config, run_id: str, tokens_file: str, select: list[int] | None, stop_scale: int | None,
+           seed: int, out: str, **settings) -> dict:
+    """Continue saved partial sequences (all, or the ``select``-ed rows) to ``stop_scale``."""
+    pair, device = _load_pair(cfg, run_id)
+    pair.require("refine")
+    saved = np.load(tokens_file)
+    rows = select if select else list(range(len(saved["ids"])))
+    if max(rows) >= len(saved["ids"]):
+        raise KeyError(f"{tokens_file} holds {len(saved['ids'])} sequences; --select {max(rows)} is out of range")
+    prefix = torch.from_numpy(saved["ids"][rows]).to(device)
+    cond = torch.from_numpy(saved["classes"][rows]).to(device)
+    ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
+                                     stop_scale, prefix)
+    return _save_samples(ids, cond, images, run_id, seed, out)
+
+
+def _read_images(paths: list[str], resolution: int | None) -> torch.Tensor:
+    """Image files → (B, 3, r, r) in [0, 1]; every file must be square with the same side."""
+    from PIL import Image
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if resolution and im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(im, np.float32).transpose(2, 0, 1) / 255)
+    if len({a.shape for a in arrays}) != 1 or arrays[0].shape[1] != arrays[0].shape[2]:
+        raise ValueError("images must be square and of one size")
+    return torch.from_numpy(np.stack(arrays))
+
+
+def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, seed: int, out: str, **settings) -> dict:
+    """Low-resolution images (side R/2^k) → full resolution; grid rows: input (nearest), output."""
+    pair, device = _load_pair(cfg, run_id)
+    pair.require("upsample")
+    low = _read_images(images, None).to(device)
+    pair.tokenizer.scales_for(low.shape[-1])  # ValueError when the side is not R/2^k
+    cond = pair.condition(label, len(low), device)
+    _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
+    R = up.shape[-1]
+    grid = torch.cat([F.interpolate(low, size=(R, R), mode="nearest"), up]).float().cpu().numpy()
+    _save_grid(grid, out, run_id, nrow=len(low))
+    return {"grid": out, "input_resolution": low.shape[-1], "resolution": R}
+
+
+def edit(cfg: Config, run_id: str, images: list[str], keep_scales: int, label: str | None, seed: int, out: str,
+         **settings) -> dict:
+    """Keep the first scales of each image, regenerate the rest under ``label``; grid rows: input,
+    its kept scales decoded, the edit."""
+    pair, device = _load_pair(cfg, run_id)
+    pair.require("edit")
+    x = _read_images(images, pair.tokenizer.cfg.resolution).to(device)
+    cond = pair.condition(label, len(x), device)
+    edited, kept = pair.method.edit(pair.generator, pair.tokenizer, x, keep_scales, cond,
+                                    sample_settings(cfg, **settings), seed)
+    kept = F.interpolate(kept, size=x.shape[-2:], mode="nearest")
+    _save_grid(torch.cat([x, kept, edited]).float().cpu().numpy(), out, run_id, nrow=len(x))
+    return {"grid": out, "keep_scales": keep_scales}

@@ -1,0 +1,117 @@
+"""MLflow run bookkeeping for trained models: fingerprints, reuse, resume, warm starts, lookups.
+
+Fingerprint = hash(kind, spec, data fingerprint, code). A finished run with it is reused, a paused
+or killed one resumed (same MLflow run, same Ray run name), otherwise a new run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import mlflow
+
+from coarse2fine.evaluate import tracking
+from coarse2fine.evaluate.config import TrackingConfig
+from coarse2fine.evaluate.tracking import MlflowLogger
+from coarse2fine.preprocess import storage
+
+log = logging.getLogger(__name__)
+FINGERPRINT_TAG = "c2f.fingerprint"
+LINEAGE_TAG = "c2f.lineage"  # fingerprint without the data: runs a warm start may continue
+DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
+EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
+STATUS_TAG = "c2f.status"  # "finished" or "paused at step N"
+CHECKPOINT_TAG = "c2f.checkpoint"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A trained model's MLflow run: its id, newest checkpoint, whether it was reused (not trained
+    by this call) and the steps it reached."""
+
+    run_id: str
+    checkpoint: str
+    reused: bool
+    steps: int | None = None
+
+
+def find_run(tracking_cfg: TrackingConfig, tags: dict[str, str]) -> mlflow.entities.Run | None:
+    """The latest run of the experiment carrying all ``tags``."""
+    tracking.configure(tracking_cfg)
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs(experiment_names=[tracking_cfg.experiment], filter_string=where, max_results=1,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs[0] if runs else None
+
+
+def _start(tracking_cfg: TrackingConfig, run_name: str, tags: dict[str, str], config: dict) -> str:
+    with tracking.run(tracking_cfg, run_name=run_name, tags=tags) as active:
+        tracking.log_config(config)
+        run_id = active.info.run_id
+    mlflow.MlflowClient().set_terminated(run_id, "RUNNING")
+    return run_id
+
+
+def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: str, spec: dict, code: str,
+                data_fp: str, tags: dict[str, str], max_steps: int, warm_start: bool,
+                fit_fn: Callable) -> RunRef:
+    """Reuse, resume or start the run of ``(kind, spec, data, code)`` and train it with
+    ``fit_fn(logger, run_name, init_checkpoint)`` (returns a :class:`train.launch.FitResult`).
+
+    ``warm_start`` (nightly retraining): a new run starts from the weights of the latest finished
+    run of the same lineage (same spec and code, any data) — or that run is reused when it already
+    saw this data. ``config`` (the whole config) is logged as the new run's parameters.
+    """
+    lineage = storage.fingerprint(kind, spec, [], code)
+    init = find_run(tracking_cfg, {LINEAGE_TAG: lineage, STATUS_TAG: "finished"}) if warm_start else None
+    if init is not None and init.data.tags.get(DATA_TAG) == data_fp:
+        log.info("train-%s: reusing run %s, it already saw this data", kind, init.info.run_id)
+        return RunRef(init.info.run_id, init.data.tags[CHECKPOINT_TAG], True)
+    fp = storage.fingerprint(kind, spec, [data_fp] + ([init.data.tags[FINGERPRINT_TAG]] if init else []), code)
+    run_name = f"{kind}-{method}-{fp}"
+    run = find_run(tracking_cfg, {FINGERPRINT_TAG: fp})
+    if run is not None and run.data.tags.get(STATUS_TAG) == "finished":
+        log.info("train-%s: reusing finished run %s", kind, run.info.run_id)
+        return RunRef(run.info.run_id, run.data.tags[CHECKPOINT_TAG], True)
+    if run is None:
+        run_id = _start(tracking_cfg, run_name, {
+            FINGERPRINT_TAG: fp, LINEAGE_TAG: lineage, DATA_TAG: data_fp, "c2f.kind": kind, "c2f.method": method,
+            **tags, **({"c2f.warm_start_from": init.info.run_id} if init else {})}, config)
+        if init:
+            log.info("train-%s: warm start from run %s", kind, init.info.run_id)
+    else:
+        run_id = run.info.run_id
+        log.info("train-%s: resuming run %s from its last checkpoint", kind, run_id)
+    client = mlflow.MlflowClient()
+    try:
+        fit = fit_fn(MlflowLogger(tracking_cfg, run_id), run_name, init.data.tags[CHECKPOINT_TAG] if init else None)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_tag(run_id, CHECKPOINT_TAG, fit.checkpoint_uri)
+    finished = fit.steps >= max_steps
+    client.set_tag(run_id, STATUS_TAG, "finished" if finished else f"paused at step {fit.steps}")
+    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+    return RunRef(run_id, fit.checkpoint_uri, False, fit.steps)
+
+
+def run_kind(tracking_cfg: TrackingConfig, run_id: str) -> str | None:
+    """``tokenizer`` or ``generator`` (tag ``c2f.kind``) of an MLflow run."""
+    tracking.set_store(tracking_cfg)
+    try:
+        return mlflow.MlflowClient().get_run(run_id).data.tags.get("c2f.kind")
+    except mlflow.exceptions.MlflowException as e:
+        raise KeyError(f"no MLflow run {run_id} in {tracking_cfg.uri}") from e
+
+
+def finished_run(tracking_cfg: TrackingConfig, run_id: str, kind: str = "tokenizer") -> dict[str, str]:
+    """The tags of a finished ``kind`` run (KeyError otherwise)."""
+    found = run_kind(tracking_cfg, run_id)
+    if found != kind:
+        raise KeyError(f"MLflow run {run_id} is a {found} run, not a {kind} run")
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    if tags.get(STATUS_TAG) != "finished":
+        raise KeyError(f"MLflow run {run_id} is not a finished {kind} run (status: {tags.get(STATUS_TAG)})")
+    return tags

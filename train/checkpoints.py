@@ -1,0 +1,79 @@
+"""The one owner of training checkpoints: save, resume, warm start and load (local path or any
+fsspec URI, gs:// included).
+
+``{dir}/state.pt`` holds the state dicts of the trained modules and their optimisers, the step,
+the RNG state, and what is needed to rebuild the model without the config: ``kind``
+(tokenizer / generator), ``method`` (a registry name) and ``model_config`` (its dataclass as a dict).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") else module
+
+
+def save_state(directory: str, kind: str, method: str, model_cfg, stateful: dict[str, Any], step: int) -> None:
+    """Write ``state.pt`` into a local ``directory`` (Ray Train uploads it)."""
+    state = {k: _unwrap(v).state_dict() for k, v in stateful.items()}
+    state |= {"step": step, "rng": torch.get_rng_state(), "kind": kind, "method": method,
+              "model_config": asdict(model_cfg)}
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+
+
+def read_state(checkpoint_uri: str, device: str | torch.device = "cpu") -> dict:
+    """The saved state of a checkpoint folder."""
+    with fsspec.open(posixpath.join(checkpoint_uri.rstrip("/"), CHECKPOINT_FILE), "rb") as f:
+        state = torch.load(f, map_location=device, weights_only=False)
+    if "method" not in state:
+        raise ValueError(f"{checkpoint_uri} was saved before checkpoints recorded their method: retrain it "
+                         "(the run fingerprint changed with the code, so `c2f run` does that by itself)")
+    return state
+
+
+def resume(stateful: dict[str, Any], state: dict) -> int:
+    """Restore every module, optimiser and scheduler and the RNG; return the step to continue from."""
+    for k, obj in stateful.items():
+        _unwrap(obj).load_state_dict(state[k])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def warm_start(stateful: dict[str, Any], checkpoint_uri: str, names: list[str], device) -> None:
+    """Weights of ``names`` from a finished run; optimisers and schedule start fresh (nightly retraining)."""
+    state = read_state(checkpoint_uri, device)
+    for name in names:
+        _unwrap(stateful[name]).load_state_dict(state[name])
+
+
+def load_model(checkpoint_uri: str, device: str | torch.device = "cpu", kind: str | None = None):
+    """(method, model in eval mode on ``device``) of a checkpoint; ``kind`` checks what it holds."""
+    from coarse2fine.train import methods
+
+    state = read_state(checkpoint_uri, device)
+    if kind is not None and state["kind"] != kind:
+        raise ValueError(f"{checkpoint_uri} holds a {state['kind']}, not a {kind}")
+    method = methods.get(state["kind"], state["method"])
+    model = method.build(method.config_from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return method, model.to(device).eval()
+
+
+def load_tokenizer(checkpoint_uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The tokenizer saved in ``{checkpoint_uri}/state.pt``, in eval mode on ``device``."""
+    return load_model(checkpoint_uri, device, "tokenizer")[1]
+
+
+def load_generator(checkpoint_uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The generator saved in ``{checkpoint_uri}/state.pt``, in eval mode on ``device``."""
+    return load_model(checkpoint_uri, device, "generator")[1]

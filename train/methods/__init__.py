@@ -1,0 +1,32 @@
+"""The method registry: every tokenizer and generator the pipeline can train, by config name.
+
+Adding a method = its files (model, ``train/methods/<name>.py``, tests) + one line below; the
+config grows a ``tokenizer.<name>`` / ``generator.<name>`` section from its declaration. See the
+README, "Adding a method".
+"""
+
+from __future__ import annotations
+
+from coarse2fine.train.methods.ar_sit import ARSIT
+from coarse2fine.train.methods.base import GeneratorMethod, TokenizerMethod, UnsupportedError
+from coarse2fine.train.methods.sit import SIT
+from coarse2fine.train.methods.vit_vq import ViTVQ
+
+TOKENIZERS: dict[str, TokenizerMethod] = {m.name: m for m in (SIT(), ViTVQ())}
+GENERATORS: dict[str, GeneratorMethod] = {m.name: m for m in (ARSIT(),)}
+
+
+def get(kind: str, name: str) -> TokenizerMethod | GeneratorMethod:
+    """The registered ``kind`` (tokenizer / generator) method ``name``; UnsupportedError otherwise."""
+    registry = TOKENIZERS if kind == "tokenizer" else GENERATORS
+    if name not in registry:
+        raise UnsupportedError(f"unknown {kind} method {name!r}; registered: {', '.join(registry)}")
+    return registry[name]
+
+
+def tokenizer(name: str) -> TokenizerMethod:
+    return get("tokenizer", name)
+
+
+def generator(name: str) -> GeneratorMethod:
+    return get("generator", name)

@@ -1,0 +1,170 @@
+"""What a method plug-in declares (the registry in ``train/methods/__init__.py`` lists them).
+
+A tokenizer method turns images into a ``tokens`` dataset of a declared layout; a generator method
+models such a layout. Each declares its typed parameter section (config ``tokenizer.<name>`` /
+``generator.<name>``, derived from its model dataclass so defaults live in one place), its model
+config and builder, the datasets it reads, its token layout, the modules of its code fingerprint
+and its capabilities. Stages, the Ray launch, tokenization, evaluation and the CLI dispatch only
+through these objects; they never name a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+import importlib
+import typing
+from types import ModuleType
+from typing import ClassVar
+
+import numpy as np
+import pydantic
+import torch
+
+from coarse2fine.preprocess.config import Section
+from coarse2fine.preprocess.schema import TokenColumn
+
+# Modules every trained model runs through (the generic loop, checkpoints, data order, steps).
+SHARED_CODE = ("train.data", "train.launch", "train.tasks", "train.steps", "train.checkpoints", "train.methods.base")
+
+# Capabilities. Tokenizer: ``decode_prefix`` = decodes the first groups of a sequence into a
+# coarser image; ``encode_prefix`` = encodes a lower-resolution image into the first groups.
+# Generator: what the sampling commands offer, and which tokenizer capability each needs.
+NEEDS = {"stop_scale": "decode_prefix", "refine": "decode_prefix", "upsample": "encode_prefix",
+         "edit": "encode_prefix"}
+OPTIONS = {"stop_scale": "--stop-scale", "refine": "c2f refine", "upsample": "c2f upsample", "edit": "c2f edit"}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Sampling settings every generator takes (CFG scale; 1 = off; top-k 0 and top-p 1 = off)."""
+
+    guidance: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+class UnsupportedError(ValueError):
+    """A method asked for something it does not do (a user error: one line, exit 2)."""
+
+
+def params_section(config_cls: type, derived: tuple[str, ...], doc: str) -> type[Section]:
+    """The typed config section of a method: the fields of its model dataclass that the user sets
+    (``derived`` ones come from the data or the tokens layout), with the dataclass's defaults."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(config_cls) if f.name not in derived}
+    assert all(d is not dataclasses.MISSING for _, d in fields.values()), "section fields need defaults"
+    return pydantic.create_model(f"{config_cls.__name__}Section", __base__=Section, __doc__=doc, **fields)
+
+
+def usage_groups(layout: list[TokenColumn]) -> list[tuple[str, int]]:
+    """(metric name, vocabulary) of each id column: ``{role}_{i}`` (e.g. ``scale_0``)."""
+    seen: dict[str, int] = {}
+    groups = []
+    for c in layout:
+        if c.vocab:
+            groups.append((f"{c.role}_{seen.get(c.role, 0)}", c.vocab))
+            seen[c.role] = seen.get(c.role, 0) + 1
+    return groups
+
+
+def modules(names: tuple[str, ...]) -> list[ModuleType]:
+    return [importlib.import_module(f"coarse2fine.{n}") for n in names]
+
+
+class Method:
+    """Common declarations of tokenizer and generator methods."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_cls: ClassVar[type]
+    params: ClassVar[type[Section]]
+    code: ClassVar[tuple[str, ...]]  # module names under coarse2fine (besides SHARED_CODE)
+
+    def code_modules(self) -> list[ModuleType]:
+        return modules(SHARED_CODE + self.code)
+
+    def build(self, model_cfg) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def config_from_dict(self, d: dict):
+        """The model dataclass saved in a checkpoint (tuples come back as lists from JSON)."""
+        return self.config_cls(**d)
+
+
+class TokenizerMethod(Method):
+    kind = "tokenizer"
+    reads: ClassVar[tuple[str, ...]] = ("images",)
+
+    def model_config(self, params: Section, resolution: int):
+        """The model dataclass for images of ``resolution`` (ValueError on impossible shapes)."""
+        raise NotImplementedError
+
+    def layout(self, model_cfg) -> list[TokenColumn]:
+        raise NotImplementedError
+
+    def capabilities(self, model_cfg) -> frozenset[str]:
+        return frozenset()
+
+    def describe(self, model_cfg) -> str:
+        """A few words naming the variant (shown in errors and summaries)."""
+        return self.name
+
+    def encode(self, model: torch.nn.Module, x_B3HW: torch.Tensor) -> dict[str, np.ndarray]:
+        """Images in [0, 1] → one array (B, *shape) per layout column."""
+        raise NotImplementedError
+
+    def reconstruct(self, model: torch.nn.Module, x_B3rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction in [0, 1] at the input's resolution and the ids (B, groups, n) (evaluation)."""
+        raise NotImplementedError
+
+    def eval_resolutions(self, model_cfg) -> list[int]:
+        """Resolutions the reconstruction table reports, full resolution first."""
+        return [model_cfg.resolution]
+
+
+class GeneratorMethod(Method):
+    kind = "generator"
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    betas: ClassVar[tuple[float, float]] = (0.9, 0.95)
+
+    def accept(self, layout: list[TokenColumn]) -> None:
+        """Raise :class:`UnsupportedError` when this method cannot model ``layout``."""
+        raise NotImplementedError
+
+    def model_config(self, params: Section, layout: list[TokenColumn], num_classes: int):
+        """The model dataclass, sized from the tokens layout (not from the tokenizer checkpoint)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, cond_B: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss of a batch (its forward runs through ``model``, which may be DDP-wrapped)
+        and per-part diagnostics."""
+        raise NotImplementedError
+
+    def sample(self, generator, tokenizer, classes_B: torch.Tensor, settings, seed: int,
+               stop: int | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequences (B, L') and images (B, 3, r, r) in [0, 1]."""
+        raise NotImplementedError
+
+    def supported(self, tokenizer_method: TokenizerMethod, tokenizer_cfg) -> list[str]:
+        """The capabilities this generator offers over this tokenizer."""
+        have = tokenizer_method.capabilities(tokenizer_cfg)
+        return sorted(c for c in self.capabilities if NEEDS[c] in have)
+
+    def require(self, capability: str, tokenizer_method: TokenizerMethod, tokenizer_cfg) -> None:
+        """:class:`UnsupportedError` naming the method and what it supports, unless it does ``capability``."""
+        ok = self.supported(tokenizer_method, tokenizer_cfg)
+        if capability not in ok:
+            offered = ", ".join(["c2f generate"] + [OPTIONS[c] for c in ok])
+            raise UnsupportedError(
+                f"{OPTIONS[capability]} is not supported by generator method {self.name} over tokenizer method "
+                f"{tokenizer_method.name} ({tokenizer_method.describe(tokenizer_cfg)}); it supports: {offered}")
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise UnsupportedError(message)
+
