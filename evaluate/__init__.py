@@ -1,1 +1,1 @@
-"""Evaluation: metrics, MLflow tracking and comparison reports (see the open issues)."""
+"""Evaluation: reconstruction and generation metrics, FID/KID/IS, MLflow tracking and comparison reports."""

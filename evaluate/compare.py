@@ -9,6 +9,7 @@ import pandas as pd
 
 from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.config import TrackingConfig
+from coarse2fine.preprocess.errors import UserKeyError
 
 COMPARISON_TAG = "c2f.kind"
 
@@ -20,7 +21,7 @@ def runs_table(tracking_cfg: TrackingConfig, experiment: str, metrics: list[str]
     """
     tracking.set_store(tracking_cfg)
     if mlflow.get_experiment_by_name(experiment) is None:
-        raise KeyError(f"no MLflow experiment named {experiment!r} at {tracking_cfg.uri}")
+        raise UserKeyError(f"no MLflow experiment named {experiment!r} at {tracking_cfg.uri}")
     df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
     if df.empty:
         return pd.DataFrame(columns=["run_id", "run_name", "method", "status", *metrics])

@@ -21,6 +21,7 @@ from coarse2fine.evaluate.metrics import (
     kernel_inception_distance,
 )
 from coarse2fine.preprocess import schema
+from coarse2fine.preprocess.errors import UserValueError
 
 log = logging.getLogger(__name__)
 STATS_DIR = "_fid_stats"
@@ -38,7 +39,7 @@ def extract(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: tor
     model = model.to(device)
     out = [model(b.to(device)).double().cpu() for b in tqdm(batches, desc=desc, unit="batch", leave=False)]
     if not out:
-        raise ValueError("no images to evaluate")
+        raise UserValueError("no images to evaluate")
     return torch.cat(out).numpy()
 
 

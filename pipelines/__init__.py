@@ -1,1 +1,1 @@
-"""Entry points: the ``c2f`` CLI and (later) Prefect flows. Nothing imports this package."""
+"""Entry points and orchestration: the ``c2f`` CLI, the Prefect flow ``full-pipeline``, stages, MLflow run bookkeeping."""

@@ -17,6 +17,7 @@ from coarse2fine.evaluate import tracking
 from coarse2fine.pipelines import runs
 from coarse2fine.pipelines.config import Config
 from coarse2fine.pipelines.stages import sample_settings
+from coarse2fine.preprocess.errors import UserKeyError, UserValueError
 
 
 @dataclass
@@ -55,7 +56,7 @@ def class_id(label: str | None, classes: list[str], null_class: int) -> int:
         return classes.index(label)
     if label.isdigit() and int(label) < null_class:  # null_class = number of classes
         return int(label)
-    raise KeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
+    raise UserKeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
 
 
 def _save_grid(images_NCHW, out: str, run_id: str, nrow: int | None = None) -> None:
@@ -99,7 +100,7 @@ def refine(cfg: Config, run_id: str, tokens_file: str, select: list[int] | None,
     saved = np.load(tokens_file)
     rows = select if select else list(range(len(saved["ids"])))
     if max(rows) >= len(saved["ids"]):
-        raise KeyError(f"{tokens_file} holds {len(saved['ids'])} sequences; --select {max(rows)} is out of range")
+        raise UserKeyError(f"{tokens_file} holds {len(saved['ids'])} sequences; --select {max(rows)} is out of range")
     prefix = torch.from_numpy(saved["ids"][rows]).to(device)
     cond = torch.from_numpy(saved["classes"][rows]).to(device)
     ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
@@ -119,7 +120,7 @@ def _read_images(paths: list[str], resolution: int | None) -> torch.Tensor:
                 im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
             arrays.append(np.asarray(im, np.float32).transpose(2, 0, 1) / 255)
     if len({a.shape for a in arrays}) != 1 or arrays[0].shape[1] != arrays[0].shape[2]:
-        raise ValueError("images must be square and of one size")
+        raise UserValueError("images must be square and of one size")
     return torch.from_numpy(np.stack(arrays))
 
 
@@ -128,7 +129,10 @@ def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, see
     pair, device = _load_pair(cfg, run_id)
     pair.require("upsample")
     low = _read_images(images, None).to(device)
-    pair.tokenizer.scales_for(low.shape[-1])  # ValueError when the side is not R/2^k
+    try:
+        pair.tokenizer.scales_for(low.shape[-1])
+    except ValueError as e:  # the side is not R/2^k
+        raise UserValueError(str(e)) from e
     cond = pair.condition(label, len(low), device)
     _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
     R = up.shape[-1]

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from coarse2fine.pipelines.config import Config, ConfigError, load_config, load_section
+from coarse2fine.pipelines.config import Config, load_config, load_section
+from coarse2fine.preprocess.errors import UserError
 
 app = typer.Typer(
     help="coarse2fine: coarse-to-fine image tokenizers and generators. `c2f run` runs the whole Prefect flow "
@@ -36,10 +37,6 @@ out = Console()
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml); repeat to "
                          "layer an overlay such as infra/beam/dataflow.yaml on top.")
 SetOpt = typer.Option(None, "--set", help="Override a config value: dotted.key=value (repeatable).")
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 def _config(config: Optional[List[Path]], overrides: Optional[List[str]]) -> Config:
@@ -384,10 +381,9 @@ def edit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the app and turn user errors into one line + exit 2."""
+    """Console-script entry point: run the app and turn user errors (:class:`UserError`, a missing
+    file) into one line + exit 2; any other exception is a bug and keeps its traceback."""
     import os
-
-    from coarse2fine.preprocess.storage import IncompleteDatasetError
 
     # Prefect's ephemeral server phones home for telemetry; offline that is an ERROR line per run.
     # Off unless the user asks for it (set PREFECT_SERVER_ANALYTICS_ENABLED=true).
@@ -409,9 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         console.print("aborted")
         return 130
-    except (ConfigError, UserError, FileNotFoundError, IncompleteDatasetError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.print(f"[red]error:[/red] {msg}")
+    except (UserError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
         return 2
     return 0
 

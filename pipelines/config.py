@@ -1,6 +1,6 @@
 """The one typed config, loaded from YAML with ``--set dotted.key=value`` overrides.
 
-Only entry points (the CLI, later the Prefect flows) call :func:`load_config`; stages receive
+Only entry points (the CLI and the Prefect flow) call :func:`load_config`; stages receive
 their own section.
 """
 
@@ -12,8 +12,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from coarse2fine.evaluate.config import EvaluateConfig, TrackingConfig
-from coarse2fine.train import methods
-from coarse2fine.train.config import GeneratorConfig, RayConfig, TokenizerConfig
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -21,9 +19,12 @@ from coarse2fine.preprocess.config import (
     StorageConfig,
     check_levels,
 )
+from coarse2fine.preprocess.errors import UserValueError
+from coarse2fine.train import methods
+from coarse2fine.train.config import GeneratorConfig, RayConfig, TokenizerConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserValueError):
     """A config file or override that cannot be used; the message is one line for the user."""
 
 

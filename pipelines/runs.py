@@ -16,6 +16,7 @@ from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.config import TrackingConfig
 from coarse2fine.evaluate.tracking import MlflowLogger
 from coarse2fine.preprocess import storage
+from coarse2fine.preprocess.errors import UserKeyError
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "c2f.fingerprint"
@@ -103,15 +104,15 @@ def run_kind(tracking_cfg: TrackingConfig, run_id: str) -> str | None:
     try:
         return mlflow.MlflowClient().get_run(run_id).data.tags.get("c2f.kind")
     except mlflow.exceptions.MlflowException as e:
-        raise KeyError(f"no MLflow run {run_id} in {tracking_cfg.uri}") from e
+        raise UserKeyError(f"no MLflow run {run_id} in {tracking_cfg.uri}") from e
 
 
 def finished_run(tracking_cfg: TrackingConfig, run_id: str, kind: str = "tokenizer") -> dict[str, str]:
     """The tags of a finished ``kind`` run (KeyError otherwise)."""
     found = run_kind(tracking_cfg, run_id)
     if found != kind:
-        raise KeyError(f"MLflow run {run_id} is a {found} run, not a {kind} run")
+        raise UserKeyError(f"MLflow run {run_id} is a {found} run, not a {kind} run")
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
     if tags.get(STATUS_TAG) != "finished":
-        raise KeyError(f"MLflow run {run_id} is not a finished {kind} run (status: {tags.get(STATUS_TAG)})")
+        raise UserKeyError(f"MLflow run {run_id} is not a finished {kind} run (status: {tags.get(STATUS_TAG)})")
     return tags

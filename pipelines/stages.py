@@ -17,6 +17,7 @@ from coarse2fine.pipelines import runs
 from coarse2fine.pipelines.config import Config
 from coarse2fine.preprocess import schema, storage
 from coarse2fine.preprocess.beam_jobs import StageResult, preprocess_all, run_image_stage
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train.losses import PERCEPTUAL_OFF
 
 
@@ -85,7 +86,7 @@ def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool
     manifest = schema.read_manifest(tokens_uri)
     made_by = manifest["config"].get("tokenizer_run")
     if made_by != tokenizer_run:
-        raise ValueError(f"{tokens_uri} holds the tokens of run {made_by}, not of tokenizer run {tokenizer_run}")
+        raise UserValueError(f"{tokens_uri} holds the tokens of run {made_by}, not of tokenizer run {tokenizer_run}")
     layout = schema.layout_from_manifest(manifest, tokens_uri)
     tok_ckpt = tok_tags[runs.CHECKPOINT_TAG]
     classes = schema.read_manifest(tok_tags["c2f.images"]).get("classes") or []

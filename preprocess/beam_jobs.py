@@ -35,6 +35,7 @@ from coarse2fine.preprocess.config import (
     StorageConfig,
     check_levels,
 )
+from coarse2fine.preprocess.errors import UserKeyError
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _parquet_rows(uri: str, data: DataConfig) -> Iterator[tuple[str, int | None,
         cols = [data.image_column] + ([label_col] if label_col else [])
         missing = [c for c in cols if c not in pf.schema_arrow.names]
         if missing:
-            raise KeyError(f"{uri} has no column(s) {missing}; columns are {pf.schema_arrow.names}")
+            raise UserKeyError(f"{uri} has no column(s) {missing}; columns are {pf.schema_arrow.names}")
         i = 0
         for batch in pf.iter_batches(columns=cols, batch_size=256):
             imgs = batch.column(0).to_pylist()

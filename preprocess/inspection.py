@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from coarse2fine.preprocess import dwt, schema, storage
+from coarse2fine.preprocess.errors import UserKeyError
 
 
 def describe(uri: str) -> dict:
@@ -23,14 +24,14 @@ def find_row(uri: str, key: str) -> dict:
         table = storage.read_shard(shard)
         hits = table.filter(pc.starts_with(table.column("key"), key))
         if hits.num_rows > 1:
-            raise KeyError(f"key prefix {key!r} is ambiguous in {uri}")
+            raise UserKeyError(f"key prefix {key!r} is ambiguous in {uri}")
         if hits.num_rows == 1:
             return {
                 f.name: (schema.tensor_numpy(hits.column(f.name))[0]
                          if isinstance(f.type, pa.FixedShapeTensorType) else hits.column(f.name)[0].as_py())
                 for f in hits.schema
             }
-    raise KeyError(f"key {key!r} not found in {uri}")
+    raise UserKeyError(f"key {key!r} not found in {uri}")
 
 
 def _source_image(uri: str, key: str):
@@ -70,7 +71,7 @@ def render_row(uri: str, key: str, out_png: str) -> str:
             panels.append((f"detail D_{k}", _unit(row[f"detail_{k}"].astype("float64")).transpose(1, 2, 0), {}))
             panels.append((f"edges s_{k} ({row[f'edge_fraction_{k}']:.0%})", row[f"edge_{k}"], {"cmap": "gray", "vmin": 0, "vmax": 1}))
     if not panels:
-        raise KeyError(f"nothing to render in {uri}: no image, scale or layer columns")
+        raise UserKeyError(f"nothing to render in {uri}: no image, scale or layer columns")
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from coarse2fine.preprocess.errors import UserError
+
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
 WAVELET = "haar"
@@ -177,7 +179,7 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
 # ---------------------------------------------------------------- reading (manifest = done marker)
 
 
-class IncompleteDatasetError(RuntimeError):
+class IncompleteDatasetError(UserError, RuntimeError):
     """Raised when reading a dataset that has no manifest (never finished, or still being written)."""
 
 

@@ -54,10 +54,31 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "data.source does not exist" in err and "incomplete" in err
 
 
+def test_a_programming_error_is_not_reported_as_a_user_error(monkeypatch, capsys):
+    """A bug (a plain ValueError deep in a stage) keeps its traceback; a user error is one line."""
+    from coarse2fine.pipelines import stages
+    from coarse2fine.preprocess.errors import UserKeyError
+
+    def buggy(cfg):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr(stages, "preprocess", buggy)
+    with pytest.raises(ValueError, match="internal invariant broken"):
+        main(["preprocess", "--config", str(REPO / "configs/demo.yaml")])
+
+    def missing(cfg):
+        raise UserKeyError("no MLflow run abc")
+
+    monkeypatch.setattr(stages, "preprocess", missing)
+    assert main(["preprocess", "--config", str(REPO / "configs/demo.yaml")]) == 2
+    assert capsys.readouterr().err.strip().endswith("no MLflow run abc")  # not quoted as a KeyError would be
+
+
 def test_help_explains_every_command():
     out = subprocess.run([C2F, "--help"], capture_output=True, text=True, check=True).stdout
     commands = set(re.findall(r"^│ (\S+)\s", out, re.M))  # rich's command table: "│ name   help…"
     assert {"run", "deploy", "demo-data", "preprocess", "inspect", "train-tokenizer", "tokenize", "train-generator",
+            "methods",
             "evaluate", "generate", "refine", "upsample", "edit", "fid", "compare"} <= commands, commands
     sub = subprocess.run([C2F, "preprocess", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--config" in sub and "--set" in sub

@@ -1,1 +1,1 @@
-"""Training: tokenizers, generators, kernels and Ray Train launch (see the open issues)."""
+"""Training: method plug-ins (``train/methods``), models, the Ray Train launch, checkpoints, tokenization."""

@@ -16,6 +16,8 @@ from typing import Any
 import fsspec
 import torch
 
+from coarse2fine.preprocess.errors import UserValueError
+
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -36,7 +38,7 @@ def read_state(checkpoint_uri: str, device: str | torch.device = "cpu") -> dict:
     with fsspec.open(posixpath.join(checkpoint_uri.rstrip("/"), CHECKPOINT_FILE), "rb") as f:
         state = torch.load(f, map_location=device, weights_only=False)
     if "method" not in state:
-        raise ValueError(f"{checkpoint_uri} was saved before checkpoints recorded their method: retrain it "
+        raise UserValueError(f"{checkpoint_uri} was saved before checkpoints recorded their method: retrain it "
                          "(the run fingerprint changed with the code, so `c2f run` does that by itself)")
     return state
 
@@ -62,7 +64,7 @@ def load_model(checkpoint_uri: str, device: str | torch.device = "cpu", kind: st
 
     state = read_state(checkpoint_uri, device)
     if kind is not None and state["kind"] != kind:
-        raise ValueError(f"{checkpoint_uri} holds a {state['kind']}, not a {kind}")
+        raise UserValueError(f"{checkpoint_uri} holds a {state['kind']}, not a {kind}")
     method = methods.get(state["kind"], state["method"])
     model = method.build(method.config_from_dict(state["model_config"]))
     model.load_state_dict(state["model"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train.methods.base import SampleSettings
 from coarse2fine.train.models.arsit import ARSIT
 from coarse2fine.train.models.sit import SpectralTokenizer
@@ -24,7 +25,7 @@ def check_pair(generator: ARSIT, tokenizer: SpectralTokenizer) -> None:
     """The generator must model this tokenizer's sequences."""
     g, t = generator.cfg, tokenizer.cfg
     if (g.num_scales, g.tokens_per_scale, g.codebook_size) != (t.num_scales, t.tokens_per_scale, t.codebook_size):
-        raise ValueError(f"generator models {g.num_scales}x{g.tokens_per_scale} tokens of {g.codebook_size} codes, "
+        raise UserValueError(f"generator models {g.num_scales}x{g.tokens_per_scale} tokens of {g.codebook_size} codes, "
                          f"tokenizer has {t.num_scales}x{t.tokens_per_scale} of {t.codebook_size}")
 
 
@@ -46,9 +47,9 @@ def generate(generator: ARSIT, tokenizer: SpectralTokenizer, classes_B: torch.Te
     S, N = generator.cfg.num_scales, generator.cfg.tokens_per_scale
     s = S if stop_scale is None else stop_scale
     if not 1 <= s <= S:
-        raise ValueError(f"stop scale must be in 1..{S}, got {s}")
+        raise UserValueError(f"stop scale must be in 1..{S}, got {s}")
     if prefix_BP is not None and prefix_BP.shape[1] > s * N:
-        raise ValueError(f"the given sequences already hold {prefix_BP.shape[1] // N} scales; "
+        raise UserValueError(f"the given sequences already hold {prefix_BP.shape[1] // N} scales; "
                          f"stop scale {s} would cut them (use a stop scale >= {-(-prefix_BP.shape[1] // N)})")
     gen = torch.Generator(classes_B.device).manual_seed(seed)
     ids = sample_tokens(generator, classes_B, s * N, prefix_BP, settings.guidance, settings.temperature,
@@ -61,12 +62,12 @@ def encode_prefix(tokenizer: SpectralTokenizer, image_B3rr: torch.Tensor, keep_s
     """The first tokens (B, k·N) of an image (any resolution R/2^j) with a scale-causal encoder;
     ``keep_scales`` k defaults to every scale the image has."""
     if not tokenizer.cfg.causal_encoder:
-        raise ValueError("upsampling and editing need a scale-causal encoder (tokenizer.causal_encoder: true, "
+        raise UserValueError("upsampling and editing need a scale-causal encoder (tokenizer.causal_encoder: true, "
                          "SIT-SC or SIT-SCE)")
     _, idx_BsN, _ = tokenizer.encode(image_B3rr)
     k = idx_BsN.shape[1] if keep_scales is None else keep_scales
     if not 1 <= k <= idx_BsN.shape[1]:
-        raise ValueError(f"keep_scales must be in 1..{idx_BsN.shape[1]}, got {k}")
+        raise UserValueError(f"keep_scales must be in 1..{idx_BsN.shape[1]}, got {k}")
     return idx_BsN[:, :k].reshape(len(image_B3rr), -1)  # (B, k·N)
 
 

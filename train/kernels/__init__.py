@@ -1,1 +1,1 @@
-"""Kernels: plain-PyTorch reference ops (always available) and, later, Triton versions for GPU."""
+"""Kernels: plain-PyTorch reference ops (always available). No Triton kernel exists yet; one would sit behind the same function."""

@@ -22,6 +22,7 @@ import pydantic
 import torch
 
 from coarse2fine.preprocess.config import Section
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.preprocess.schema import TokenColumn
 
 # Modules every trained model runs through (the generic loop, checkpoints, data order, steps).
@@ -45,7 +46,7 @@ class SampleSettings:
     top_p: float = 1.0
 
 
-class UnsupportedError(ValueError):
+class UnsupportedError(UserValueError):
     """A method asked for something it does not do (a user error: one line, exit 2)."""
 
 
