@@ -1,7 +1,9 @@
-"""Beam jobs: ingest → ``images``/``rejected``, ``spectral`` (Haar DWT), ``decomposition`` (AT).
+"""Beam graphs: ingest → ``images``/``rejected``, ``spectral`` (Haar DWT), ``decomposition`` (AT),
+and the generic per-image stage (``run_image_stage``, also used for ``tokens``).
 
 Each job is a thin Beam graph around the pure functions of ``images``, ``dwt`` and
-``mumford_shah`` (img2dataset's reader / worker / writer split): the driver lists inputs, workers
+``mumford_shah`` (img2dataset's reader / worker / writer split): the driver lists inputs
+(``sources``; only new ones when ``carry_over`` finds an earlier ingest of the same source), workers
 transform one element at a time, writers group rows into Parquet shards; the driver then writes
 the manifest last. Only bytes and strings travel between transforms, never numpy arrays.
 
@@ -11,10 +13,8 @@ Each stage is a plain function usable without Prefect; it returns the URIs it wr
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,25 +22,19 @@ from typing import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from coarse2fine.preprocess import dwt, images, mumford_shah, schema, storage
+from coarse2fine.preprocess import carry_over, dwt, images, mumford_shah, schema, sources, storage
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
     StorageConfig,
     check_levels,
 )
-from coarse2fine.preprocess.errors import UserKeyError
 
 log = logging.getLogger(__name__)
-
-PARQUET_SUFFIXES = (".parquet",)
-
 
 @dataclass
 class StageResult:
@@ -133,81 +127,6 @@ def _num_shards(rows: int, pre: PreprocessConfig) -> int:
 # ---------------------------------------------------------------- ingest
 
 
-@dataclass(frozen=True)
-class SourceListing:
-    """Inputs found under ``data.source``: image files, or Parquet files with row counts."""
-
-    kind: str  # "files" | "parquet"
-    entries: list[tuple[str, int]]  # (uri, size in bytes) or (parquet uri, rows)
-    labels: dict[str, int | None]  # file uri -> label (files only)
-    classes: list[str]
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self.entries) if self.kind == "files" else sum(n for _, n in self.entries)
-
-    def signature(self) -> str:
-        return hashlib.sha256(json.dumps([self.kind, self.entries]).encode()).hexdigest()[:16]
-
-
-def list_source(data: DataConfig) -> SourceListing:
-    """List the inputs under ``data.source`` (hidden and ``_``-prefixed names are skipped)."""
-    fs, root = storage.url_to_fs(data.source)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"data.source does not exist: {data.source}")
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
-
-    def unstrip(p: str) -> str:
-        return p if proto in ("file", "local") else f"{proto}://{p}"
-
-    files = []
-    for p, info in sorted(found.items()):
-        rel = posixpath.relpath(p, root) if p != root else posixpath.basename(p)
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue
-        files.append((unstrip(p), rel, int(info.get("size") or 0)))
-    if files and all(uri.endswith(PARQUET_SUFFIXES) for uri, _, _ in files):
-        entries = []
-        for uri, _, _ in files:
-            with fs.open(storage.url_to_fs(uri)[1], "rb") as f:
-                entries.append((uri, pq.ParquetFile(f).metadata.num_rows))
-        return SourceListing("parquet", entries, {}, [])
-    labels: dict[str, int | None] = {}
-    classes: list[str] = []
-    if data.label_from == "folder":
-        classes = sorted({rel.split("/")[0] for _, rel, _ in files if "/" in rel})
-    index = {c: i for i, c in enumerate(classes)}
-    for uri, rel, _ in files:
-        labels[uri] = index[rel.split("/")[0]] if "/" in rel and classes else None
-    return SourceListing("files", [(uri, size) for uri, _, size in files], labels, classes)
-
-
-def _read_file(uri: str) -> bytes:
-    fs, path = storage.url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
-def _parquet_rows(uri: str, data: DataConfig) -> Iterator[tuple[str, int | None, bytes]]:
-    """Rows of a Parquet input as ``(source_uri, label, image bytes)``."""
-    fs, path = storage.url_to_fs(uri)
-    label_col = None if data.label_from in ("none", "folder") else data.label_from
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        cols = [data.image_column] + ([label_col] if label_col else [])
-        missing = [c for c in cols if c not in pf.schema_arrow.names]
-        if missing:
-            raise UserKeyError(f"{uri} has no column(s) {missing}; columns are {pf.schema_arrow.names}")
-        i = 0
-        for batch in pf.iter_batches(columns=cols, batch_size=256):
-            imgs = batch.column(0).to_pylist()
-            labs = batch.column(1).to_pylist() if label_col else [None] * len(imgs)
-            for img, lab in zip(imgs, labs):
-                yield f"{uri}#row={i}", (None if lab is None else int(lab)), img or b""
-                i += 1
-
-
 class _Normalise(beam.DoFn):
     """Worker: decode one input; main output ``(key, row)``, tagged output ``rejected`` rows."""
 
@@ -217,7 +136,7 @@ class _Normalise(beam.DoFn):
     def process(self, item):
         source_uri, label, payload = item
         try:
-            raw = _read_file(source_uri) if payload is None else payload
+            raw = sources.read_file(source_uri) if payload is None else payload
             norm = images.normalise_image(raw, self.data.resolution, self.data.min_size)
         except images.RejectedImage as e:
             yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, e.error, e.detail))
@@ -252,56 +171,6 @@ def _keep_first(key: str, rows: Iterable[dict], known: frozenset[str] = frozense
         yield key, rows[0]
 
 
-LISTING_FILE = "_listing.parquet"  # every (input uri, size) an ingest saw, written before its manifest
-
-
-@dataclass(frozen=True)
-class PreviousIngest:
-    """A complete earlier ingest whose rows a new ingest carries over (only new inputs are read)."""
-
-    images_uri: str
-    rejected_uri: str
-    manifest: dict
-    seen: frozenset[tuple[str, int]]
-
-
-def _write_listing(images_uri: str, listing: SourceListing) -> None:
-    table = pa.table({"uri": [u for u, _ in listing.entries], "size": [n for _, n in listing.entries]})
-    storage.write_shard(images_uri, LISTING_FILE, table)
-
-
-def previous_ingest(store: StorageConfig, config: dict, listing: SourceListing, code: str) -> PreviousIngest | None:
-    """The latest complete ingest with the same data config, code and classes whose inputs are all
-    still listed unchanged (an append-only source, e.g. nightly uploads); None when there is none."""
-    fs, root = storage.url_to_fs(storage.join(store.root, "images"))
-    same = json.loads(json.dumps({k: v for k, v in config.items() if k != "listing"}, default=str))
-    entries = {(u, n) for u, n in listing.entries}
-    best = None
-    for path in fs.glob(posixpath.join(root, "*", schema.MANIFEST)):
-        uri = storage.join(store.root, "images", posixpath.basename(posixpath.dirname(path)))
-        m = schema.read_manifest(uri)
-        old = {k: v for k, v in m["config"].items() if k != "listing"}
-        if old != same or m["code_version"] != code or m.get("classes") != listing.classes:
-            continue
-        if not fs.exists(posixpath.join(posixpath.dirname(path), LISTING_FILE)):
-            continue
-        t = storage.read_shard(storage.join(uri, LISTING_FILE))
-        seen = frozenset(zip(t.column("uri").to_pylist(), t.column("size").to_pylist()))
-        rejected_uri = storage.join(store.root, "rejected", m["fingerprint"])
-        if seen <= entries and schema.read_manifest(rejected_uri) and (best is None or m["created"] > best.manifest["created"]):
-            best = PreviousIngest(uri, rejected_uri, m, seen)
-    return best
-
-
-def _carry_shards(old_uri: str, new_uri: str, manifest: dict) -> list[dict]:
-    """Copy a complete dataset's listed shards into a new dataset folder; their manifest entries."""
-    fs, old = storage.url_to_fs(old_uri)
-    _, new = storage.url_to_fs(new_uri)
-    for shard in manifest["shards"]:
-        fs.copy(posixpath.join(old, shard["name"]), posixpath.join(new, shard["name"]))
-    return manifest["shards"]
-
-
 def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> StageResult:
     """Ingest ``data.source`` into the ``images`` and ``rejected`` datasets.
 
@@ -309,9 +178,9 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     manifest; a mismatch raises instead of writing a manifest.
     """
     t0 = time.perf_counter()
-    listing = list_source(data)
+    listing = sources.list_source(data)
     config = data.model_dump() | {"listing": listing.signature()}
-    code = storage.code_version(images, schema, storage, sys.modules[__name__])
+    code = storage.code_version(images, schema, storage, sources, carry_over, sys.modules[__name__])
     fp = storage.fingerprint("ingest", config, [], code)
     images_uri = storage.dataset_uri(store.root, "images", fp)
     rejected_uri = storage.dataset_uri(store.root, "rejected", fp)
@@ -324,7 +193,7 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     for uri in (images_uri, rejected_uri):
         storage.prepare_empty(uri)
     run_id = storage.new_run_id()
-    prev = previous_ingest(store, config, listing, code)
+    prev = carry_over.previous_ingest(store, config, listing, code)
     entries = [(u, n) for u, n in listing.entries if prev is None or (u, n) not in prev.seen]
     known = frozenset() if prev is None else frozenset(schema.read_table(prev.images_uri, ["key"]).column("key").to_pylist())
     new_inputs = len(entries) if listing.kind == "files" else sum(n for _, n in entries)
@@ -343,7 +212,7 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
         items = (
             p
             | "ListParquet" >> beam.Create([uri for uri, _ in entries])
-            | "ReadRows" >> beam.FlatMap(_parquet_rows, data)
+            | "ReadRows" >> beam.FlatMap(sources.parquet_rows, data)
         )
     out = items | "Normalise" >> beam.ParDo(_Normalise(data)).with_outputs("rejected", main="ok")
     (
@@ -361,8 +230,8 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     carried = {"images": [], "rejected": []}
     old_counts = {"images": 0, "duplicates": 0, "rejected": 0}
     if prev is not None:
-        carried = {"images": _carry_shards(prev.images_uri, images_uri, prev.manifest),
-                   "rejected": _carry_shards(prev.rejected_uri, rejected_uri, schema.read_manifest(prev.rejected_uri))}
+        carried = {"images": carry_over.carry_shards(prev.images_uri, images_uri, prev.manifest),
+                   "rejected": carry_over.carry_shards(prev.rejected_uri, rejected_uri, schema.read_manifest(prev.rejected_uri))}
         old_counts = {k: prev.manifest["counts"][k] for k in old_counts}
     rej_shards = storage.list_shards(rejected_uri, run_id)
     img_shards = storage.list_shards(images_uri, run_id)
@@ -374,7 +243,7 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     }
     if counts["inputs"] != counts["images"] + counts["duplicates"] + counts["rejected"]:
         raise RuntimeError(f"ingest counts do not reconcile, no manifest written: {counts}")
-    _write_listing(images_uri, listing)
+    carry_over.write_listing(images_uri, listing)
     inputs = {"source": data.source} | ({"carried_over_from": prev.images_uri} if prev else {})
     meta = dict(stage="ingest", fp=fp, config=config, inputs=inputs, code=code, counts=counts)
     _finish(rejected_uri, run_id, schema.REJECTED, carried["rejected"], **meta)
@@ -428,7 +297,7 @@ def run_image_stage(
         if prev_src else None
     prev = storage.read_manifest(prev_uri) if prev_uri else None
     if prev is not None:  # the images carried over by ingest keep their rows here too
-        carried = _carry_shards(prev_uri, uri, prev)
+        carried = carry_over.carry_shards(prev_uri, uri, prev)
         old = {s["name"] for s in prev_src["shards"]}
         todo = [storage.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
         inputs["carried_over_from"] = prev_uri

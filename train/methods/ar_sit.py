@@ -8,7 +8,6 @@ coarse-to-fine sequence (seed B.2: the only loss), reported per scale (nats/toke
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from coarse2fine.preprocess.schema import TokenColumn
@@ -24,7 +23,7 @@ class ARSIT(GeneratorMethod):
     summary = "coarse-to-fine autoregression over scale tokens, KV cache, CFG (SIT seed §4.2)"
     config_cls = ARSITConfig
     params = params_section(ARSITConfig, DERIVED, "AR-SIT parameters (see train/models/arsit.py).")
-    code = ("train.methods.ar_sit", "train.models.arsit", "train.sampling", "train.generate")
+    code = ("train.methods.ar_sit", "train.models.arsit", "train.models.blocks", "train.sampling", "train.generate")
     capabilities = frozenset({"stop_scale", "refine", "upsample", "edit"})
     betas = (0.9, 0.95)  # VAR / LlamaGen (the seed gives none)
 

@@ -11,7 +11,7 @@ carries): a learned class embedding is the first input position ("start token"),
 ``num_classes`` is the null class used for classifier-free guidance, and training replaces the
 label by the null class with probability ``cond_drop_prob`` (0.1, as Parti/LlamaGen). Conditioning
 enters only through :meth:`ARSIT.condition` (the start-token embedding, one position). The seed's
-text path is not implemented; it would add a cross-attention sub-layer to :class:`CausalBlock`
+text path is not implemented; it would add a cross-attention sub-layer to ``blocks.CausalBlock``
 over caption embeddings (Parti), computed once per sample and kept beside the KV cache, with the
 start token then a learned BOS; the token positions, heads and cache stay as they are.
 
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from coarse2fine.train.models.blocks import CausalBlock, KVCache
 
 GENERATOR_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"dim": 32, "depth": 2, "heads": 2},
@@ -66,53 +67,6 @@ class ARSITConfig:
     @property
     def null_class(self) -> int:
         return self.num_classes
-
-
-class KVCache:
-    """Keys/values of every layer for the input positions seen so far; ``length`` = how many."""
-
-    def __init__(self, depth: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * depth
-        self.v: list[torch.Tensor | None] = [None] * depth
-        self.length = 0
-
-    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is not None:
-            k_BhTd = torch.cat([self.k[layer], k_BhTd], dim=2)
-            v_BhTd = torch.cat([self.v[layer], v_BhTd], dim=2)
-        self.k[layer], self.v[layer] = k_BhTd, v_BhTd
-        return k_BhTd, v_BhTd
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
-class CausalBlock(nn.Module):
-    """Pre-norm layer: LN → causal self-attention (optionally cached) → residual, LN → MLP → residual."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        assert dim % heads == 0, "dim must be divisible by heads"
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-
-    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, C = x_BTC.shape
-        qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-        past = cache.length if cache is not None else 0
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries at positions past..past+T-1 see keys 0..their own position
-            pos_q = torch.arange(past, past + T, device=x_BTC.device)
-            mask = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x_BTC + self.mlp(self.ln2(x_BTC))
 
 
 class ARSIT(nn.Module):

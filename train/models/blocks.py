@@ -1,4 +1,6 @@
-"""Transformer blocks whose parameters can be shared across scales or specialised per scale.
+"""Shared transformer blocks: grouped layers whose parameters can be shared across scales or
+specialised per scale (SIT), block-causal masks for blocks of any sizes, and the causal decoder
+layer with a key/value cache (AR-SIT; any autoregressive generator).
 
 SIT (seed §4.1, "different transformer parameters per scale"): the query/key/value embeddings,
 the layer norms and the MLP of each layer have one set of weights per scale; the attention output
@@ -13,16 +15,19 @@ the scale-causal mask is block lower-triangular over scales (seed §4.1).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def scale_causal_mask(num_scales: int, tokens_per_scale: int, device: torch.device | None = None) -> torch.Tensor:
-    """(L, L) bool, True where token i (scale s_i) may attend token j (scale s_j <= s_i)."""
-    scale = torch.arange(num_scales, device=device).repeat_interleave(tokens_per_scale)  # (L,)
-    return scale[:, None] >= scale[None, :]
+def block_causal_mask(tokens_per_block: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+    """(L, L) bool, True where token i (block b_i) may attend token j (block b_j <= b_i); blocks
+    (scales, CART's base and detail maps) may hold unequal numbers of tokens; L = their sum."""
+    sizes = torch.as_tensor(list(tokens_per_block), device=device)
+    block = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)  # (L,)
+    return block[:, None] >= block[None, :]
 
 
 def _grouped(x_BLC: torch.Tensor, groups: int) -> torch.Tensor:
@@ -106,3 +111,50 @@ class Transformer(nn.Module):
             x_BLC = blk(x_BLC, num_scales, mask_LL)
         g = num_scales if self.groups > 1 else 1
         return self.ln(_grouped(x_BLC, g)).reshape(x_BLC.shape)
+
+
+class KVCache:
+    """Keys/values of every layer for the input positions seen so far; ``length`` = how many."""
+
+    def __init__(self, depth: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * depth
+        self.v: list[torch.Tensor | None] = [None] * depth
+        self.length = 0
+
+    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k_BhTd = torch.cat([self.k[layer], k_BhTd], dim=2)
+            v_BhTd = torch.cat([self.v[layer], v_BhTd], dim=2)
+        self.k[layer], self.v[layer] = k_BhTd, v_BhTd
+        return k_BhTd, v_BhTd
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm layer: LN → causal self-attention (optionally cached) → residual, LN → MLP → residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        assert dim % heads == 0, "dim must be divisible by heads"
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries at positions past..past+T-1 see keys 0..their own position
+            pos_q = torch.arange(past, past + T, device=x_BTC.device)
+            mask = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x_BTC + self.mlp(self.ln2(x_BTC))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.blocks import Transformer, _grouped, scale_causal_mask
+from coarse2fine.train.models.blocks import Transformer, _grouped, block_causal_mask
 from coarse2fine.train.models.dwt import haar_dwt, haar_idwt
 from coarse2fine.train.models.quantizer import FactorizedVQ
 
@@ -120,7 +120,7 @@ class SpectralTokenizer(nn.Module):
         self.pos_dec = nn.Parameter(torch.randn(S * N, dec["dim"]) * 0.02)
         self.decoder = Transformer(dec["dim"], dec["depth"], dec["heads"], cfg.mlp_ratio, groups)
         self.patch_out = nn.ModuleList(nn.Linear(dec["dim"], cfg.patch_dim(s)) for s in range(S))
-        self.register_buffer("_mask", scale_causal_mask(S, N), persistent=False)
+        self.register_buffer("_mask", block_causal_mask([N] * S), persistent=False)
 
     # ---------------------------------------------------------------- helpers
 
