@@ -132,7 +132,7 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, "eval/per_resolution.json")
         tracking.log_image_grid(report.grid, "eval/reconstructions.png")
-    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "tokenizer"))
+    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "tokenizer", tags["c2f.method"]))
     return report.rows
 
 
@@ -160,26 +160,28 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
             tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3)
-    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator"))
+    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator", tags["c2f.method"]))
     return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
 
 
-def evaluation_fingerprint(cfg: Config, kind: str) -> str:
-    """The evaluation protocol of a run kind (the generator's also depends on its sampling settings)."""
+def evaluation_fingerprint(cfg: Config, kind: str, method: str) -> str:
+    """The evaluation protocol of a run of ``kind`` and ``method`` (the generator's also depends on
+    its sampling settings; the method's code decides how it reconstructs or samples)."""
     from coarse2fine.evaluate import fid, generator_eval, metrics, tokenizer_eval
+    from coarse2fine.train import methods
 
     settings = cfg.evaluate.model_dump(exclude={"device"})
     if kind == "generator":
         settings |= {"sampling": asdict(sample_settings(cfg)), "eval_samples": cfg.generator.eval_samples}
-    return storage.fingerprint(f"evaluate-{kind}", settings, [],
-                               storage.code_version(fid, generator_eval, metrics, tokenizer_eval))
+    code = storage.code_version(fid, generator_eval, metrics, tokenizer_eval, *methods.get(kind, method).code_modules())
+    return storage.fingerprint(f"evaluate-{kind}", settings, [], code)
 
 
 def evaluation_done(cfg: Config, run_id: str) -> bool:
     """Whether the run already holds an evaluation with this config's protocol."""
     kind = runs.run_kind(cfg.tracking, run_id)
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    return tags.get(runs.EVALUATED_TAG) == evaluation_fingerprint(cfg, kind)
+    return tags.get(runs.EVALUATED_TAG) == evaluation_fingerprint(cfg, kind, tags["c2f.method"])
 
 
 def evaluate(cfg: Config, run_id: str):
