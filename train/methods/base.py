@@ -11,9 +11,10 @@ through these objects; they never name a method.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import importlib
 import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
@@ -74,7 +75,7 @@ def modules(names: tuple[str, ...]) -> list[ModuleType]:
     return [importlib.import_module(f"coarse2fine.{n}") for n in names]
 
 
-class Method:
+class Method(ABC):
     """Common declarations of tokenizer and generator methods."""
 
     kind: ClassVar[str]
@@ -87,8 +88,9 @@ class Method:
     def code_modules(self) -> list[ModuleType]:
         return modules(SHARED_CODE + self.code)
 
+    @abstractmethod
     def build(self, model_cfg) -> torch.nn.Module:
-        raise NotImplementedError
+        """The model of this method for its model dataclass (the method's one builder)."""
 
     def config_from_dict(self, d: dict):
         """The model dataclass saved in a checkpoint (tuples come back as lists from JSON)."""
@@ -99,12 +101,13 @@ class TokenizerMethod(Method):
     kind = "tokenizer"
     reads: ClassVar[tuple[str, ...]] = ("images",)
 
+    @abstractmethod
     def model_config(self, params: Section, resolution: int):
         """The model dataclass for images of ``resolution`` (ValueError on impossible shapes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def layout(self, model_cfg) -> list[TokenColumn]:
-        raise NotImplementedError
+        """The token columns this tokenizer writes (the tokens manifest records them)."""
 
     def capabilities(self, model_cfg) -> frozenset[str]:
         return frozenset()
@@ -113,13 +116,13 @@ class TokenizerMethod(Method):
         """A few words naming the variant (shown in errors and summaries)."""
         return self.name
 
+    @abstractmethod
     def encode(self, model: torch.nn.Module, x_B3HW: torch.Tensor) -> dict[str, np.ndarray]:
         """Images in [0, 1] → one array (B, *shape) per layout column."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reconstruct(self, model: torch.nn.Module, x_B3rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction in [0, 1] at the input's resolution and the ids (B, groups, n) (evaluation)."""
-        raise NotImplementedError
 
     def eval_resolutions(self, model_cfg) -> list[int]:
         """Resolutions the reconstruction table reports, full resolution first."""
@@ -131,24 +134,24 @@ class GeneratorMethod(Method):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     betas: ClassVar[tuple[float, float]] = (0.9, 0.95)
 
+    @abstractmethod
     def accept(self, layout: list[TokenColumn]) -> None:
         """Raise :class:`UnsupportedError` when this method cannot model ``layout``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def model_config(self, params: Section, layout: list[TokenColumn], num_classes: int):
         """The model dataclass, sized from the tokens layout (not from the tokenizer checkpoint)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, cond_B: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of a batch (its forward runs through ``model``, which may be DDP-wrapped)
         and per-part diagnostics."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, generator, tokenizer, classes_B: torch.Tensor, settings, seed: int,
                stop: int | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token sequences (B, L') and images (B, 3, r, r) in [0, 1]."""
-        raise NotImplementedError
 
     def supported(self, tokenizer_method: TokenizerMethod, tokenizer_cfg) -> list[str]:
         """The capabilities this generator offers over this tokenizer."""
