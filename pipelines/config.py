@@ -44,6 +44,7 @@ class Config(Section):
     def _consistent(self) -> "Config":
         check_levels(self.data, self.preprocess)
         self.tokenizer.model_config_for(self.data.resolution)  # raises ValueError on impossible shapes
+        self.generator.method_plugin().check_params(self.generator.params())  # before any training
         return self
 
 

@@ -65,7 +65,7 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
         {"tokenizer_run": run_id, "checkpoint": ckpt, "fingerprint": tags[runs.FINGERPRINT_TAG],
          "method": method.name, "layout_version": schema.TOKENS_LAYOUT_VERSION,
          "layout": schema.layout_to_json(layout)},
-        storage.code_version(tok, *method.code_modules()), schema.tokens_schema(layout), tok.token_rows(ckpt),
+        storage.code_version(tok, checkpoints, *method.model_modules()), schema.tokens_schema(layout), tok.token_rows(ckpt),
     )
     mlflow.MlflowClient().set_tag(run_id, "c2f.tokens", result.uris["tokens"])
     return result
@@ -93,7 +93,8 @@ def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool
     method = cfg.generator.method_plugin()
     model_cfg = method.model_config(cfg.generator.params(), layout, len(classes))
     spec = cfg.generator.spec() | {"model": asdict(model_cfg)}
-    tags = {"c2f.tokenizer_run": tokenizer_run, "c2f.tokenizer_checkpoint": tok_ckpt, "c2f.tokens": tokens_uri,
+    tags = {"c2f.tokenizer_run": tokenizer_run, "c2f.tokenizer_method": tok_tags["c2f.method"],
+            "c2f.tokenizer_checkpoint": tok_ckpt, "c2f.tokens": tokens_uri,
             "c2f.images": tok_tags["c2f.images"], "c2f.classes": json.dumps(classes)}
     task = GeneratorTask(method, model_cfg, cfg.generator.train, layout, tok_ckpt)
     return runs.tracked_fit(
@@ -160,20 +161,23 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
             tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3)
-    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator", tags["c2f.method"]))
+    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator", tags["c2f.method"],
+                                                                 tags["c2f.tokenizer_method"]))
     return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
 
 
-def evaluation_fingerprint(cfg: Config, kind: str, method: str) -> str:
-    """The evaluation protocol of a run of ``kind`` and ``method`` (the generator's also depends on
-    its sampling settings; the method's code decides how it reconstructs or samples)."""
+def evaluation_fingerprint(cfg: Config, kind: str, method: str, tokenizer_method: str | None = None) -> str:
+    """The evaluation protocol of a run of ``kind`` and ``method`` (a generator's also depends on
+    its sampling settings and on its tokenizer's method: the methods' code decides how images are
+    reconstructed, sampled and decoded)."""
     from coarse2fine.evaluate import fid, generator_eval, metrics, tokenizer_eval
     from coarse2fine.train import methods
 
     settings = cfg.evaluate.model_dump(exclude={"device"})
     if kind == "generator":
         settings |= {"sampling": asdict(sample_settings(cfg)), "eval_samples": cfg.generator.eval_samples}
-    code = storage.code_version(fid, generator_eval, metrics, tokenizer_eval, *methods.get(kind, method).code_modules())
+    used = [methods.get(kind, method)] + ([methods.tokenizer(tokenizer_method)] if tokenizer_method else [])
+    code = storage.code_version(fid, generator_eval, metrics, tokenizer_eval, *(m for u in used for m in u.model_modules()))
     return storage.fingerprint(f"evaluate-{kind}", settings, [], code)
 
 
@@ -181,7 +185,8 @@ def evaluation_done(cfg: Config, run_id: str) -> bool:
     """Whether the run already holds an evaluation with this config's protocol."""
     kind = runs.run_kind(cfg.tracking, run_id)
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    return tags.get(runs.EVALUATED_TAG) == evaluation_fingerprint(cfg, kind, tags["c2f.method"])
+    return tags.get(runs.EVALUATED_TAG) == evaluation_fingerprint(cfg, kind, tags["c2f.method"],
+                                                                  tags.get("c2f.tokenizer_method"))
 
 
 def evaluate(cfg: Config, run_id: str):

@@ -82,7 +82,7 @@ def test_ar_sit_sizes_itself_from_the_layout_and_refuses_others():
 
 @pytest.mark.parametrize("enc, dec, supported", [
     (True, True, ["edit", "refine", "stop_scale", "upsample"]),
-    (True, False, ["edit", "upsample"]),  # SIT-SCE: upsampling and editing (seed §5.4–5.5)
+    (True, False, ["upsample"]),  # SIT-SCE: upsampling (seed §5.4); edit also decodes the kept scales
     (False, True, ["refine", "stop_scale"]),  # SIT-SCD: generation with early stop (seed §5.3)
     (False, False, []),
 ])
@@ -131,6 +131,9 @@ def test_any_method_is_selected_on_any_config_file_and_only_its_section_is_finge
     ("tokenizer.num_scales=2", "tokenizer.num_scales: unknown key; method parameters live in tokenizer.sit.num_scales"),
     ("train.max_steps=2", "train: unknown key; tokenizer training settings live in tokenizer.train"),
     ("tokenizer.sit.tokens_per_scale=5", "square"),
+    ("tokenizer.sit.codebook_size=1", "codebook_size must be >= 2"),
+    ("generator.ar_sit.size=huge", "unknown generator size 'huge'"),  # at load, not after tokenizer training
+    ("generator.ar_sit.cond_drop_prob=1.5", "cond_drop_prob"),
 ])
 def test_config_errors_name_the_registry(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -145,3 +148,14 @@ def test_block_causal_mask_for_blocks_of_unequal_sizes(sizes):
     owner = [b for b, n in enumerate(sizes) for _ in range(n)]
     expected = torch.tensor([[owner[j] <= owner[i] for j in range(len(owner))] for i in range(len(owner))])
     assert torch.equal(block_causal_mask(sizes), expected)
+
+
+@pytest.mark.parametrize("side, ok", [(32, True), (16, True), (8, True), (4, False), (24, False)])
+def test_sit_accepts_inputs_of_its_resolution_over_powers_of_two(side, ok):
+    sit = methods.tokenizer("sit")
+    cfg = sit.model_config(sit.params(num_scales=3, tokens_per_scale=4), 32)  # scales at 8, 16, 32 px
+    if ok:
+        sit.check_input_side(cfg, side)
+    else:
+        with pytest.raises(UnsupportedError, match=f"{side}px image"):
+            sit.check_input_side(cfg, side)

@@ -62,8 +62,8 @@ def encode_prefix(tokenizer: SpectralTokenizer, image_B3rr: torch.Tensor, keep_s
     """The first tokens (B, k·N) of an image (any resolution R/2^j) with a scale-causal encoder;
     ``keep_scales`` k defaults to every scale the image has."""
     if not tokenizer.cfg.causal_encoder:
-        raise UserValueError("upsampling and editing need a scale-causal encoder (tokenizer.causal_encoder: true, "
-                         "SIT-SC or SIT-SCE)")
+        raise UserValueError("upsampling and editing need a scale-causal encoder (tokenizer.sit.causal_encoder: "
+                             "true, SIT-SC or SIT-SCE)")
     _, idx_BsN, _ = tokenizer.encode(image_B3rr)
     k = idx_BsN.shape[1] if keep_scales is None else keep_scales
     if not 1 <= k <= idx_BsN.shape[1]:

@@ -26,6 +26,7 @@ class ARSIT(GeneratorMethod):
     code = ("train.methods.ar_sit", "train.models.arsit", "train.models.blocks", "train.sampling", "train.generate")
     capabilities = frozenset({"stop_scale", "refine", "upsample", "edit"})
     betas = (0.9, 0.95)  # VAR / LlamaGen (the seed gives none)
+    example_layout = [TokenColumn("ids_0", (1, 1), "int32", 2, "scale")]
 
     def accept(self, layout: list[TokenColumn]) -> None:
         check(len(layout) > 0 and all(c.role == "scale" and c.dtype == "int32" for c in layout),
@@ -68,7 +69,12 @@ class ARSIT(GeneratorMethod):
         return edited, decode(tokenizer, encode_prefix(tokenizer, image_B3RR, keep_scales))
 
     def evaluate(self, generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed):
-        """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``)."""
+        """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``): the stop-scale rows below
+        the last scale and the upsampling rows only where the tokenizer supports them."""
         from coarse2fine.evaluate.generator_eval import evaluate_generator
+        from coarse2fine.train.checkpoints import load_model
 
-        return evaluate_generator(generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed)
+        tok_method, tok = load_model(tokenizer_uri, "cpu", "tokenizer")
+        can = self.supported(tok_method, tok.cfg)
+        return evaluate_generator(generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed,
+                                  stop_scales="stop_scale" in can, upsampling="upsample" in can)

@@ -5,7 +5,8 @@ models such a layout. Each declares its typed parameter section (config ``tokeni
 ``generator.<name>``, derived from its model dataclass so defaults live in one place), its model
 config and builder, the datasets it reads, its token layout, the modules of its code fingerprint
 and its capabilities. Stages, the Ray launch, tokenization, evaluation and the CLI dispatch only
-through these objects; they never name a method.
+through these objects. What is still method-shaped outside them: the generator evaluation stage
+logs AR-SIT's report (rows per stop scale, upsampling), see ``pipelines/stages.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SHARED_CODE = ("train.data", "train.launch", "train.tasks", "train.steps", "trai
 # Capabilities. Tokenizer: ``decode_prefix`` = decodes the first groups of a sequence into a
 # coarser image; ``encode_prefix`` = encodes a lower-resolution image into the first groups.
 # Generator: what the sampling commands offer, and which tokenizer capability each needs.
-NEEDS = {"stop_scale": "decode_prefix", "refine": "decode_prefix", "upsample": "encode_prefix",
-         "edit": "encode_prefix"}
+NEEDS = {"stop_scale": {"decode_prefix"}, "refine": {"decode_prefix"}, "upsample": {"encode_prefix"},
+         "edit": {"encode_prefix", "decode_prefix"}}  # edit also shows the kept scales decoded
 OPTIONS = {"stop_scale": "--stop-scale", "refine": "c2f refine", "upsample": "c2f upsample", "edit": "c2f edit"}
 
 
@@ -93,8 +94,12 @@ class Method(ABC):
         """The model of this method for its model dataclass (the method's one builder)."""
 
     def config_from_dict(self, d: dict):
-        """The model dataclass saved in a checkpoint (tuples come back as lists from JSON)."""
+        """The model dataclass saved in a checkpoint (as ``dataclasses.asdict``)."""
         return self.config_cls(**d)
+
+    def model_modules(self) -> list[ModuleType]:
+        """The method's own modules (what encoding or sampling runs, without the training loop)."""
+        return modules(self.code)
 
 
 class TokenizerMethod(Method):
@@ -128,11 +133,21 @@ class TokenizerMethod(Method):
         """Resolutions the reconstruction table reports, full resolution first."""
         return [model_cfg.resolution]
 
+    def check_input_side(self, model_cfg, side: int) -> None:
+        """:class:`UnsupportedError` unless the model encodes square images of ``side`` pixels."""
+        check(side == model_cfg.resolution, f"tokenizer method {self.name} encodes {model_cfg.resolution}px images, "
+                                            f"not {side}px")
+
 
 class GeneratorMethod(Method):
     kind = "generator"
     capabilities: ClassVar[frozenset[str]] = frozenset()
     betas: ClassVar[tuple[float, float]] = (0.9, 0.95)
+    example_layout: ClassVar[list[TokenColumn]]  # a small layout it accepts (checks parameters at config load)
+
+    def check_params(self, params: Section) -> None:
+        """ValueError on parameters no layout could make valid (at config load, before any training)."""
+        self.model_config(params, self.example_layout, 0)
 
     @abstractmethod
     def accept(self, layout: list[TokenColumn]) -> None:
@@ -153,10 +168,23 @@ class GeneratorMethod(Method):
                stop: int | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token sequences (B, L') and images (B, 3, r, r) in [0, 1]."""
 
+    @abstractmethod
+    def evaluate(self, generator_uri: str, tokenizer_uri: str, images_uri: str, cfg, settings, num_samples: int,
+                 seed: int):
+        """The method's generation report (FID etc.), logged by ``pipelines/stages.py``."""
+
+    def upsample(self, generator, tokenizer, low_B3rr, classes_B, settings, seed):
+        """Low-resolution images → generated full-resolution ones (capability ``upsample``)."""
+        raise UnsupportedError(f"generator method {self.name} does not upsample")
+
+    def edit(self, generator, tokenizer, image_B3RR, keep, classes_B, settings, seed):
+        """(edited images, what was kept, decoded) (capability ``edit``)."""
+        raise UnsupportedError(f"generator method {self.name} does not edit")
+
     def supported(self, tokenizer_method: TokenizerMethod, tokenizer_cfg) -> list[str]:
         """The capabilities this generator offers over this tokenizer."""
         have = tokenizer_method.capabilities(tokenizer_cfg)
-        return sorted(c for c in self.capabilities if NEEDS[c] in have)
+        return sorted(c for c in self.capabilities if NEEDS[c] <= have)
 
     def require(self, capability: str, tokenizer_method: TokenizerMethod, tokenizer_cfg) -> None:
         """:class:`UnsupportedError` naming the method and what it supports, unless it does ``capability``."""

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from coarse2fine.preprocess.schema import TokenColumn
-from coarse2fine.train.methods.base import TokenizerMethod, params_section
+from coarse2fine.train.methods.base import TokenizerMethod, check, params_section
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 
 TOKENIZER_CODE = ("train.models.sit", "train.models.blocks", "train.models.quantizer", "train.models.dwt",
-                  "train.models.discriminator", "train.losses")
+                  "train.kernels.haar", "train.models.discriminator", "train.losses")
 MIN_EVAL_SIDE = 8  # px: the baseline's reconstruction table stops there (a 1-px image says nothing)
 
 
@@ -68,6 +68,12 @@ class SIT(TokenizerMethod):
         up = F.interpolate(x_B3rr, size=(R, R), mode="bilinear", align_corners=False)
         recon, idx, _ = model(up)
         return F.avg_pool2d(recon.clamp(0, 1), R // r), idx
+
+    def check_input_side(self, model_cfg: SITConfig, side: int) -> None:
+        """A scale-causal SIT encodes R/2^k natively (k < number of scales)."""
+        k = (model_cfg.resolution // side).bit_length() - 1
+        check(side << k == model_cfg.resolution and k < model_cfg.num_scales,
+              f"a {side}px image is not this tokenizer's {model_cfg.resolution}px / 2^k, k < {model_cfg.num_scales}")
 
     def eval_resolutions(self, model_cfg: SITConfig) -> list[int]:
         """R, R/2, …: every resolution a multi-scale model has (the baseline gets the same list down

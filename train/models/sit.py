@@ -64,6 +64,8 @@ class SITConfig:
                 raise ValueError(f"unknown model size {s!r}; choose from {sorted(MODEL_SIZES)}")
         if self.num_scales < 1:
             raise ValueError("num_scales must be >= 1")
+        if self.codebook_size < 2 or self.code_dim < 1:
+            raise ValueError("codebook_size must be >= 2 and code_dim >= 1")
         coarsest = self.resolution >> (self.num_scales - 1)
         if coarsest % g or coarsest << (self.num_scales - 1) != self.resolution:
             raise ValueError(f"resolution {self.resolution} with {self.num_scales} scales gives a coarsest "
