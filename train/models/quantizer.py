@@ -98,3 +98,45 @@ class FactorizedVQ(nn.Module):
             B, G, N, d = lat.shape
             return self.proj_out(lat.reshape(B, 1, G * N, d)).reshape(B, G, N, -1)
         return self.proj_out(lat)
+
+
+class EuclideanVQ(nn.Module):
+    """Plain VQ-VAE quantizer over vectors ``z_BND``: nearest code by Euclidean distance (CQ seed
+    eq. 2; VQ-VAE/VQGAN), straight-through estimator, codebook loss ``‖sg[z] − e‖²`` plus
+    commitment ``β‖z − sg[e]‖²`` (eq. 3; β = 0.25 as VQ-VAE and taming-transformers — the seed does
+    not give it). No l2 normalisation and no entropy term (the seed reports that entropy
+    regularisation hurts CQ). Codebook initialised uniform in ±1/K as taming-transformers does.
+
+    ``code_dim`` < ``dim`` adds linear maps dim → code_dim → dim around the lookup (a low-dimensional
+    codebook, as the LlamaGen baseline of CQ's Table 6a; LlamaGen also l2-normalises, which this
+    does not, so that only the dimension differs from the full-dimensional row).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, code_dim: int | None = None, beta: float = 0.25) -> None:
+        super().__init__()
+        d = code_dim or dim
+        self.codebook_size, self.beta = codebook_size, beta
+        self.codebook = nn.Parameter(torch.empty(codebook_size, d).uniform_(-1 / codebook_size, 1 / codebook_size))
+        self.proj_in = nn.Linear(dim, d) if d != dim else nn.Identity()
+        self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
+
+    def nearest(self, z_BNd: torch.Tensor) -> torch.Tensor:
+        """Indices (B, N) of the nearest codes: argmin_k ‖z − e_k‖² = ‖z‖² − 2 z·e_k + ‖e_k‖² (eq. 2),
+        computed in at least fp32 (bf16 autocast would blur near ties)."""
+        dtype = torch.promote_types(z_BNd.dtype, torch.float32)
+        z, codes = z_BNd.detach().to(dtype), self.codebook.detach().to(dtype)
+        dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(-1)  # (B, N, K)
+        return dist.argmin(-1)
+
+    def forward(self, z_BND: torch.Tensor):
+        """(quantized (B, N, D), indices (B, N), aux_loss) — the quantizer contract."""
+        z = self.proj_in(z_BND)  # (B, N, d)
+        indices = self.nearest(z)
+        e = self.codebook[indices]  # (B, N, d)
+        aux = F.mse_loss(e, z.detach()) + self.beta * F.mse_loss(z, e.detach())
+        z_q = z + (e - z).detach()  # straight-through
+        return self.proj_out(z_q), indices, aux
+
+    def indices_to_codes(self, indices_BN: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs (B, N, D) of the given indices (what ``forward`` returns as quantized)."""
+        return self.proj_out(self.codebook[indices_BN])
