@@ -1,4 +1,6 @@
-"""AR-SIT evaluation: SIT Table 2 (coarse-to-fine generation) and Table 4 (upsampling) in miniature.
+"""Generation evaluation: the report every generator method returns, the shared row helper
+(class-balanced samples, throughput, FID/KID), and AR-SIT's SIT Table 2 (coarse-to-fine generation)
+and Table 4 (upsampling) in miniature.
 
 Per stop scale s = 1…S: ``eval_samples`` class-balanced generations (labels 0, 1, …, C-1, 0, …)
 stopped after scale s and decoded by the scale-causal decoder at its resolution R/2^(S-s); FID/KID
@@ -15,7 +17,7 @@ bicubic upsampling's PSNR beside it for scale.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,10 +34,49 @@ from coarse2fine.train.checkpoints import load_generator, load_tokenizer
 
 @dataclass
 class GeneratorReport:
-    stop_scales: list[dict]  # one row per stop scale, coarsest first
-    upsampling: list[dict]  # one row per input resolution
-    samples_grid: np.ndarray  # (S·n, 3, R, R): row s = the same samples stopped after scale s
-    upsampling_grid: np.ndarray  # (3·n, 3, R, R): low-res input (nearest), upsampled, original
+    """Rows of one sampling setting each (``key``: ``stop_scale`` for AR-SIT, ``steps`` for MaskGIT),
+    logged as ``eval/{metric}_{prefix}{row[key]}``, the table ``eval/{table}.json`` and a grid with
+    one row of samples per setting; AR-SIT adds upsampling rows."""
+
+    rows: list[dict]
+    key: str
+    prefix: str
+    table: str
+    samples_grid: np.ndarray  # (settings·n, 3, R, R)
+    upsampling: list[dict] = field(default_factory=list)  # one row per input resolution
+    upsampling_grid: np.ndarray | None = None  # (3·n, 3, R, R): low-res input (nearest), upsampled, original
+
+
+@dataclass
+class SampledRow:
+    images: torch.Tensor  # (n, 3, r, r) on the CPU
+    metrics: dict[str, float]  # n, images_per_s, peak_mib_per_image (+ fid, kid, n_real)
+
+
+def sample_row(sample_fn, classes: torch.Tensor, cfg: EvaluateConfig, ev: Evaluator | None, images_uri: str,
+               factor: int = 1, desc: str = "generated") -> SampledRow:
+    """Generate for ``classes`` in batches with ``sample_fn(classes_b, i) -> images``, timing only
+    the sampling (plus decoding); FID/KID against the real images block-averaged by ``factor``."""
+    device = classes.device
+    images, seconds, peak = [], 0.0, float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, c in enumerate(torch.split(classes, cfg.batch_size)):
+        t = time.perf_counter()
+        x = sample_fn(c, i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t
+        images.append(x.float().cpu())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / min(cfg.batch_size, len(classes)) / 2**20
+    fake = torch.cat(images)  # (n, 3, r, r)
+    metrics = {"n": len(fake), "images_per_s": len(fake) / seconds, "peak_mib_per_image": peak}
+    if ev is not None:
+        res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
+                                  ev.features(torch.split(fake, cfg.batch_size), desc=desc))
+        metrics |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
+    return SampledRow(fake, metrics)
 
 
 def balanced_classes(n: int, num_classes: int, device) -> torch.Tensor:
@@ -68,28 +109,12 @@ def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, 
     generate(gen, tok, classes[:1], S, settings, seed)  # warm-up: one-off initialisation is not throughput
     for s in range(1, S + 1) if stop_scales else [S]:
         factor = 2 ** (S - s)
-        images, seconds, peak = [], 0.0, float("nan")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i, c in enumerate(torch.split(classes, cfg.batch_size)):
-            t = time.perf_counter()
-            _, x = generate(gen, tok, c, s, settings, seed + i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - t
-            images.append(x.float().cpu())
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / min(cfg.batch_size, num_samples) / 2**20
-        fake = torch.cat(images)  # (n, 3, r, r)
-        row = {"stop_scale": s, "resolution": R // factor, "tokens": s * gen.cfg.tokens_per_scale, "n": len(fake),
-               "images_per_s": len(fake) / seconds, "peak_mib_per_image": peak,
-               "kv_cache_kib_per_image": kv_cache_bytes(gen, s * gen.cfg.tokens_per_scale, settings.guidance != 1) / 1024}
-        if ev is not None:
-            res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
-                                      ev.features(torch.split(fake, cfg.batch_size), desc=f"generated {R // factor}px"))
-            row |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
-        rows.append(row)
-        grid_rows.append(_full_res(fake[:8], R))
+        out = sample_row(lambda c, i: generate(gen, tok, c, s, settings, seed + i)[1], classes, cfg, ev, images_uri,
+                         factor, f"generated {R // factor}px")
+        tokens = s * gen.cfg.tokens_per_scale
+        rows.append({"stop_scale": s, "resolution": R // factor, "tokens": tokens} | out.metrics
+                    | {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024})
+        grid_rows.append(_full_res(out.images[:8], R))
     up_rows, up_grid = [], None
     x, labels = held_out(images_uri, num_samples)
     null = gen.cfg.null_class
@@ -109,4 +134,4 @@ def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, 
         if k == S - 1:  # the hardest case, like the seed's Fig. 4 / 7
             n = min(8, len(x))
             up_grid = torch.cat([_full_res(low[:n], R), out[:n], x[:n]]).numpy()
-    return GeneratorReport(rows, up_rows, torch.cat(grid_rows).numpy(), up_grid)
+    return GeneratorReport(rows, "stop_scale", "stop", "stop_scales", torch.cat(grid_rows).numpy(), up_rows, up_grid)

@@ -86,6 +86,8 @@ def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: in
     pair, device = _load_pair(cfg, run_id)
     if stop_scale is not None:
         pair.require("stop_scale")
+    if settings.get("steps") is not None:
+        pair.require("steps")
     cond = pair.condition(label, n, device)
     ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
                                      stop_scale)

@@ -261,8 +261,9 @@ def evaluate(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Evaluate a trained model into its MLflow run. Tokenizer: per resolution PSNR/SSIM/L1/rFID,
-    throughput, codebook usage. Generator: per stop scale FID/KID, images/s, memory per image, and
-    upsampling PSNR/FID (SIT Tables 2 and 4 in miniature)."""
+    throughput, codebook usage. Generator: FID/KID and images/s per sampling setting — AR-SIT per stop
+    scale with memory per image and upsampling PSNR/FID (SIT Tables 2 and 4 in miniature), MaskGIT per
+    number of decoding steps (CQ Table 7 in miniature)."""
     from coarse2fine.pipelines import stages
 
     report = stages.evaluate(_config(config, set_), run)
@@ -297,8 +298,8 @@ TopKOpt = typer.Option(None, "--top-k", min=0, help="Keep the k most likely toke
 TopPOpt = typer.Option(None, "--top-p", min=1e-6, max=1.0, help="Nucleus sampling mass (1 = off).")
 
 
-def _settings(cfg_scale, temperature, top_k, top_p) -> dict:
-    return {"guidance": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+def _settings(cfg_scale, temperature, top_k, top_p, steps=None) -> dict:
+    return {"guidance": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "steps": steps}
 
 
 @app.command()
@@ -308,17 +309,20 @@ def generate(
     label: Optional[str] = ClassOpt,
     stop_scale: Optional[int] = typer.Option(None, "--stop-scale", min=1,
                                              help="Stop after this scale: a coarse image at its resolution (fast previews)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Parallel decoding steps of a masked generator "
+                                        "(maskgit; default generator.steps, else 10)."),
     out_png: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write (token ids go to OUT.tokens.npz)."),
     seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
     top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Sample images coarse to fine (KV-cached). With --stop-scale, a quick coarse preview whose
-    token ids `c2f refine` continues."""
+    """Sample images with the run's generator method: AR-SIT coarse to fine (KV-cached; with
+    --stop-scale, a quick coarse preview whose token ids `c2f refine` continues); MaskGIT by parallel
+    decoding in --steps steps."""
     from coarse2fine.pipelines import apps
 
     res = apps.generate(_config(config, set_), run, n, label, stop_scale, seed, str(out_png),
-                          **_settings(cfg_scale, temperature, top_k, top_p))
+                        **_settings(cfg_scale, temperature, top_k, top_p, steps))
     out.print(f"wrote {res['grid']} ({n} images, {res['resolution']}px, {res['num_tokens']} tokens each) "
               f"and {res['tokens']}; logged to run {run}")
 

@@ -109,7 +109,7 @@ def sample_settings(cfg: Config, **overrides):
     """The generator section's sampling settings with the non-None ``overrides`` applied."""
     from coarse2fine.train.methods.base import SampleSettings
 
-    base = {k: getattr(cfg.generator, k) for k in ("guidance", "temperature", "top_k", "top_p")}
+    base = {k: getattr(cfg.generator, k) for k in ("guidance", "temperature", "top_k", "top_p", "steps")}
     return SampleSettings(**(base | {k: v for k, v in overrides.items() if v is not None}))
 
 
@@ -146,24 +146,25 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
     report = method.evaluate(tags[runs.CHECKPOINT_TAG], tags["c2f.tokenizer_checkpoint"], tags["c2f.images"],
                              cfg.evaluate, sample_settings(cfg), cfg.generator.eval_samples, cfg.evaluate.seed)
     client = mlflow.MlflowClient()
-    metrics = [mlflow.entities.Metric(f"eval/{k}_stop{row['stop_scale']}", float(v), 0, 0)
-               for row in report.stop_scales for k, v in row.items() if k != "stop_scale" and v == v]
+    metrics = [mlflow.entities.Metric(f"eval/{k}_{report.prefix}{row[report.key]}", float(v), 0, 0)
+               for row in report.rows for k, v in row.items() if k != report.key and v == v]
     metrics += [mlflow.entities.Metric(f"eval/upsample_{k}_from{row['input_resolution']}px", float(v), 0, 0)
                 for row in report.upsampling for k, v in row.items() if k != "input_resolution" and v == v]
     client.log_batch(run_id, metrics=metrics)
-    if "fid" in report.stop_scales[-1]:
-        client.log_metric(run_id, "fid", float(report.stop_scales[-1]["fid"]))
+    headline = report.rows[-1]  # the full stop scale (AR-SIT) / one token per step (MaskGIT)
+    if "fid" in headline:
+        client.log_metric(run_id, "fid", float(headline["fid"]))
     with mlflow.start_run(run_id=run_id):
-        tracking.log_table(report.stop_scales, "eval/stop_scales.json")
-        # one row per stop scale / per kind of image (input, upsampled, original)
-        tracking.log_image_grid(report.samples_grid, "eval/samples_per_stop_scale.png",
-                                nrow=len(report.samples_grid) // len(report.stop_scales))
+        tracking.log_table(report.rows, f"eval/{report.table}.json")
+        # one row per setting (stop scale, steps) / per kind of image (input, upsampled, original)
+        tracking.log_image_grid(report.samples_grid, f"eval/samples_per_{report.key}.png",
+                                nrow=len(report.samples_grid) // len(report.rows))
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
             tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3)
     client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator", tags["c2f.method"],
                                                                  tags["c2f.tokenizer_method"]))
-    return {"stop_scales": report.stop_scales, "upsampling": report.upsampling}
+    return {report.table: report.rows, "upsampling": report.upsampling}
 
 
 def evaluation_fingerprint(cfg: Config, kind: str, method: str, tokenizer_method: str | None = None) -> str:
@@ -197,15 +198,14 @@ def evaluate(cfg: Config, run_id: str):
 
 
 SUMMARY_METRICS = ("psnr", "ssim", "rfid", "fid")
-GRIDS = {"tokenizer": ("eval/reconstructions.png",),
-         "generator": ("eval/samples_per_stop_scale.png", "eval/upsampling.png")}
 
 
 def run_summary(cfg: Config, run_id: str) -> dict:
     """Kind, key metrics and sample-grid locations of a run (for the end-of-flow report)."""
     kind = runs.run_kind(cfg.tracking, run_id)
-    run = mlflow.MlflowClient().get_run(run_id)
-    grids = [f"{run.info.artifact_uri}/{g}" for g in GRIDS.get(kind, ())]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    grids = [f"{run.info.artifact_uri}/{a.path}" for a in client.list_artifacts(run_id, "eval") if a.path.endswith(".png")]
     return {"kind": kind, "run_id": run_id, "grids": grids,
             "metrics": {k: run.data.metrics[k] for k in SUMMARY_METRICS if k in run.data.metrics}}
 

@@ -127,7 +127,7 @@ def test_any_method_is_selected_on_any_config_file_and_only_its_section_is_finge
 
 @pytest.mark.parametrize("override, message", [
     ("tokenizer.method=nope", "unknown tokenizer method 'nope'; registered: sit, vit_vq, cq, vqgan"),
-    ("generator.method=nope", "unknown generator method 'nope'; registered: ar_sit"),
+    ("generator.method=nope", "unknown generator method 'nope'; registered: ar_sit, maskgit"),
     ("tokenizer.num_scales=2", "tokenizer.num_scales: unknown key; method parameters live in tokenizer.sit.num_scales"),
     ("train.max_steps=2", "train: unknown key; tokenizer training settings live in tokenizer.train"),
     ("tokenizer.sit.tokens_per_scale=5", "square"),

@@ -102,6 +102,7 @@ class _GeneratorBase(_ModelSection):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
+    steps: Optional[int] = Field(None, ge=1, description="parallel decoding steps (maskgit); None = its default")
     eval_samples: int = Field(64, ge=2)
 
 

@@ -34,8 +34,10 @@ SHARED_CODE = ("train.data", "train.launch", "train.tasks", "train.steps", "trai
 # coarser image; ``encode_prefix`` = encodes a lower-resolution image into the first groups.
 # Generator: what the sampling commands offer, and which tokenizer capability each needs.
 NEEDS = {"stop_scale": {"decode_prefix"}, "refine": {"decode_prefix"}, "upsample": {"encode_prefix"},
-         "edit": {"encode_prefix", "decode_prefix"}}  # edit also shows the kept scales decoded
-OPTIONS = {"stop_scale": "--stop-scale", "refine": "c2f refine", "upsample": "c2f upsample", "edit": "c2f edit"}
+         "edit": {"encode_prefix", "decode_prefix"},  # edit also shows the kept scales decoded
+         "steps": set()}  # a number of parallel decoding steps (masked generation)
+OPTIONS = {"stop_scale": "--stop-scale", "refine": "c2f refine", "upsample": "c2f upsample", "edit": "c2f edit",
+           "steps": "--steps"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class SampleSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    steps: int | None = None  # decoding steps of a parallel decoder (None = the method's default)
 
 
 class UnsupportedError(UserValueError):
