@@ -121,3 +121,30 @@ def test_cq_and_spatial_vq_train_tokenize_evaluate_through_the_cli(tmp_path, cap
             assert np.unique(ids).size > 1
     finally:
         ray.shutdown()
+
+
+def test_lecam_regularizer_against_its_formula():
+    from coarse2fine.train.losses import lecam_regularizer
+
+    real, fake = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([-0.5, 1.0, 0.2])
+    ema_r, ema_f = torch.tensor(0.3), torch.tensor(-0.2)
+    reg = lecam_regularizer(real, fake, ema_r, ema_f, decay=0.9)
+    er, ef = 0.9 * 0.3 + 0.1 * real.mean().item(), 0.9 * -0.2 + 0.1 * fake.mean().item()
+    assert ema_r.item() == pytest.approx(er) and ema_f.item() == pytest.approx(ef)  # updated in place
+    expected = np.mean([max(0.0, r - ef) ** 2 for r in real.tolist()]) + \
+        np.mean([max(0.0, er - f) ** 2 for f in fake.tolist()])
+    assert reg.item() == pytest.approx(expected)
+
+
+def test_adversarial_step_with_lecam_updates_the_discriminator_averages():
+    from coarse2fine.train.losses import LossWeights
+    from coarse2fine.train.models.discriminator import PatchDiscriminator
+    from coarse2fine.train.steps import tokenizer_train_step, warmup_cosine
+
+    m, disc = tiny(), PatchDiscriminator(channels=8, layers=2)
+    opt, d_opt = torch.optim.Adam(m.parameters(), 1e-3), torch.optim.Adam(disc.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4))
+    metrics = tokenizer_train_step(m, opt, sched, torch.rand(2, 3, 32, 32), LossWeights(adversarial=0.1, lecam=0.001),
+                                   disc=disc, disc_optimizer=d_opt, groups=[("channel_0", 64)])
+    assert metrics["lecam"] >= 0 and "d_loss" in metrics and 0 < metrics["batch_usage/channel_0"] <= 1
+    assert disc.ema_real.item() != 0 and disc.ema_fake.item() != 0

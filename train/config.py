@@ -41,6 +41,8 @@ class TrainConfig(OptimConfig):
 
     adversarial_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1; 0 turns the discriminator off")
     adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
+    lecam_weight: float = Field(0.0, ge=0, description="LeCam regularisation of the discriminator (CQ seed §3.2 uses "
+                                "it; 0.001 as MAGVIT-v2, the seed gives no weight); 0 = off (SIT has none)")
 
 
 class GeneratorTrainConfig(OptimConfig):

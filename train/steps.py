@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from coarse2fine.train.losses import LossWeights, discriminator_hinge, generator_hinge, reconstruction_loss
+from coarse2fine.train.losses import (LossWeights, discriminator_hinge, generator_hinge, lecam_regularizer,
+                                      reconstruction_loss)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "cosine",
@@ -54,7 +55,13 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
     scheduler.step()
     if adversarial:
         logits = disc(torch.cat([x_B3HW, recon.detach()]))  # one forward (DDP-friendly)
-        d_loss = discriminator_hinge(*logits.chunk(2))
+        real, fake = logits.chunk(2)
+        d_loss = discriminator_hinge(real, fake)
+        if weights.lecam > 0:
+            d = unwrap(disc)
+            lecam = lecam_regularizer(real, fake, d.ema_real, d.ema_fake)
+            d_loss = d_loss + weights.lecam * lecam
+            scalars["lecam"] = lecam
         disc_optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
         disc_optimizer.step()

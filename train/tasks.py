@@ -53,7 +53,8 @@ class TokenizerTask:
         self.method, self.model_cfg, self.train = method, model_cfg, train
         self.groups = usage_groups(method.layout(model_cfg))
         self.weights = LossWeights(adversarial=train.adversarial_weight,
-                                   adversarial_start=int(train.adversarial_start * train.max_steps))
+                                   adversarial_start=int(train.adversarial_start * train.max_steps),
+                                   lecam=train.lecam_weight)
 
     def load(self, rows, rank, world):
         self.images = data.decode_rows(rows["key"], rows["image"], rank, world)

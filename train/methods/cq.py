@@ -2,11 +2,12 @@
 
 Tokens: one int32 column ``ids`` of C channel tokens per image (role ``channel``), each an id into
 a codebook of K vectors of dimension H1·W1. Objective (``train/tasks.py``): L2 + the codebook and
-commitment loss (eq. 3) + the project's hinge adversarial loss after ``adversarial_start``. Not yet
-as the seed: its perceptual (LPIPS) term needs pretrained weights that cannot be loaded offline
-(recorded on every run), its StyleGAN discriminator is the project's spectral-norm PatchGAN, and
-LeCam regularisation is not implemented. The seed trains with Adam, lr 1e-4 decayed by cosine to
-5e-5 (§4.1, following SeQ-GAN); ``configs/`` sets weight_decay 0 (Adam) and the schedule.
+commitment loss (eq. 3) + the project's hinge adversarial loss after ``adversarial_start``, with
+LeCam regularisation of the discriminator at ``tokenizer.train.lecam_weight`` (0.001 as MAGVIT-v2;
+the seed gives no weight). Not as the seed: its perceptual (LPIPS) term needs pretrained weights
+that cannot be loaded offline (recorded on every run), and its StyleGAN discriminator is the
+project's spectral-norm PatchGAN. The seed trains with Adam, lr 1e-4 decayed by cosine to 5e-5
+(§4.1, following SeQ-GAN); our schedule decays to 0 after a warm-up.
 """
 
 from __future__ import annotations

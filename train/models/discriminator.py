@@ -23,6 +23,9 @@ class PatchDiscriminator(nn.Module):
             c = c_out
         mods += [spectral_norm(nn.Conv2d(c, 1, 3, 1, 1))]
         self.net = nn.Sequential(*mods)
+        # moving averages of the mean logits on real and fake images (LeCam regularisation, losses.py)
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Patch logits (B, 1, h, w) of images in [0, 1]."""
