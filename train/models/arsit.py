@@ -11,7 +11,7 @@ carries): a learned class embedding is the first input position ("start token"),
 ``num_classes`` is the null class used for classifier-free guidance, and training replaces the
 label by the null class with probability ``cond_drop_prob`` (0.1, as Parti/LlamaGen). Conditioning
 enters only through :meth:`ARSIT.condition` (the start-token embedding, one position). The seed's
-text path is not implemented; it would add a cross-attention sub-layer to ``blocks.CausalBlock``
+text path is not implemented; it would add a cross-attention sub-layer to ``blocks.AttentionBlock``
 over caption embeddings (Parti), computed once per sample and kept beside the KV cache, with the
 start token then a learned BOS; the token positions, heads and cache stay as they are.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.blocks import CausalBlock, KVCache
+from coarse2fine.train.models.blocks import AttentionBlock, KVCache, init_weights
 
 GENERATOR_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"dim": 32, "depth": 2, "heads": 2},
@@ -78,7 +78,7 @@ class ARSIT(nn.Module):
         self.tok_emb = nn.Embedding(S * V, C)  # scale s uses rows s·V … s·V + V - 1 (§4.2)
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row = null class (CFG)
         self.pos = nn.Parameter(torch.randn(cfg.seq_len, C) * 0.02)
-        self.blocks = nn.ModuleList(CausalBlock(C, d["heads"], cfg.mlp_ratio) for _ in range(d["depth"]))
+        self.blocks = nn.ModuleList(AttentionBlock(C, d["heads"], cfg.mlp_ratio) for _ in range(d["depth"]))
         self.ln_f = nn.LayerNorm(C)
         self.head_w = nn.Parameter(torch.randn(S, C, V) / math.sqrt(C))  # one logit layer per scale (§4.2)
         self.head_b = nn.Parameter(torch.zeros(S, V))
@@ -142,10 +142,4 @@ class ARSIT(nn.Module):
 
 def build_generator(cfg: ARSITConfig) -> ARSIT:
     """The one builder (weights: GPT-2/nanoGPT init of linear and embedding layers, std 0.02)."""
-    model = ARSIT(cfg)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model
+    return init_weights(ARSIT(cfg))

@@ -132,29 +132,45 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
-class CausalBlock(nn.Module):
-    """Pre-norm layer: LN → causal self-attention (optionally cached) → residual, LN → MLP → residual."""
+class AttentionBlock(nn.Module):
+    """Pre-norm layer: LN → self-attention → residual, LN → MLP → residual. ``causal`` (AR, with an
+    optional KV cache) or bidirectional (masked generation); ``qk_norm`` RMS-normalises queries and
+    keys per head (QK-norm)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, causal: bool = True, qk_norm: bool = False) -> None:
         super().__init__()
         assert dim % heads == 0, "dim must be divisible by heads"
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x_BTC.shape
         qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        q, k = self.q_norm(q), self.k_norm(k)
+        assert self.causal or cache is None, "a KV cache serves causal attention only"
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:  # new queries at positions past..past+T-1 see keys 0..their own position
             pos_q = torch.arange(past, past + T, device=x_BTC.device)
             mask = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x_BTC + self.mlp(self.ln2(x_BTC))
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """GPT-2 / BERT initialisation: linear and embedding weights N(0, std²), linear biases 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from coarse2fine.train.models.blocks import AttentionBlock, init_weights
 
 MASKGIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"dim": 32, "depth": 2, "heads": 2},
@@ -51,27 +52,6 @@ class MaskGITConfig:
         return self.num_classes
 
 
-class BidirectionalBlock(nn.Module):
-    """Pre-norm layer: LN → self-attention with RMS-normalised q, k → residual, LN → MLP → residual."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        assert dim % heads == 0, "dim must be divisible by heads"
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-
-    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        B, T, C = x_BTC.shape
-        qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, nh, T, hs)
-        x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x_BTC + self.mlp(self.ln2(x_BTC))
-
-
 class MaskGIT(nn.Module):
     def __init__(self, cfg: MaskGITConfig) -> None:
         super().__init__()
@@ -81,7 +61,8 @@ class MaskGIT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.codebook_size + 1, C)  # last row = [MASK]
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row = null class (CFG)
         self.pos = nn.Parameter(torch.randn(cfg.seq_len + 1, C) * 0.02)
-        self.blocks = nn.ModuleList(BidirectionalBlock(C, d["heads"], cfg.mlp_ratio) for _ in range(d["depth"]))
+        self.blocks = nn.ModuleList(AttentionBlock(C, d["heads"], cfg.mlp_ratio, causal=False, qk_norm=True)
+                                    for _ in range(d["depth"]))
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.codebook_size)
 
@@ -102,10 +83,4 @@ def cosine_mask_ratio(r: torch.Tensor | float) -> torch.Tensor | float:
 
 def build_maskgit(cfg: MaskGITConfig) -> MaskGIT:
     """The one builder (weights: BERT/MaskGIT init of linear and embedding layers, std 0.02)."""
-    model = MaskGIT(cfg)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model
+    return init_weights(MaskGIT(cfg))
