@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from coarse2fine.evaluate.config import EvaluateConfig
-from coarse2fine.evaluate.fid import Evaluator, resolve_device
+from coarse2fine.evaluate.fid import Evaluator
 from coarse2fine.evaluate.metrics import reconstruction_metrics
 from coarse2fine.evaluate.tokenizer_eval import held_out
 from coarse2fine.train.generate import generate, upsample
 from coarse2fine.train.methods.base import SampleSettings
-from coarse2fine.train.checkpoints import load_generator, load_tokenizer
 
 
 @dataclass
@@ -95,13 +94,13 @@ def _full_res(x_B3rr: torch.Tensor, R: int) -> torch.Tensor:
     return F.interpolate(x_B3rr, size=(R, R), mode="nearest") if x_B3rr.shape[-1] != R else x_B3rr
 
 
-def evaluate_generator(generator_uri: str, tokenizer_uri: str, images_uri: str, cfg: EvaluateConfig,
+def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: str, cfg: EvaluateConfig,
                        settings: SampleSettings, num_samples: int, seed: int = 0,
                        with_fid: bool = True, stop_scales: bool = True, upsampling: bool = True) -> GeneratorReport:
     """Rows for every stop scale (only the last one without ``stop_scales``: the tokenizer cannot
-    decode partial sequences) and, with ``upsampling``, per input resolution."""
-    device = resolve_device(cfg.device)
-    gen, tok = load_generator(generator_uri, device), load_tokenizer(tokenizer_uri, device)
+    decode partial sequences) and, with ``upsampling``, per input resolution, for an AR-SIT generator
+    and its tokenizer (loaded on the evaluation device)."""
+    device = next(gen.parameters()).device
     S, R = gen.cfg.num_scales, tok.cfg.resolution
     ev = Evaluator(cfg) if with_fid else None
     classes = balanced_classes(num_samples, gen.cfg.num_classes, device)

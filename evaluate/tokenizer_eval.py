@@ -22,6 +22,7 @@ from coarse2fine.evaluate.metrics import codebook_usage, reconstruction_metrics,
 from coarse2fine.preprocess import schema
 from coarse2fine.train.checkpoints import load_model
 from coarse2fine.train.methods.base import usage_groups
+from coarse2fine.train.steps import group_ids
 
 SSIM_WINDOW = 11  # Gaussian window of the SSIM (σ = 1.5), torchmetrics' default
 
@@ -77,7 +78,7 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
             full_idx, full_recon = idx_t, recon_t
     codebook = {}
     groups = usage_groups(method.layout(model.cfg))
-    ids_NGn = full_idx.reshape(len(full_idx), len(groups), -1) if groups else full_idx  # (N, groups, n)
+    ids_NGn = group_ids(full_idx, groups)  # (N, groups, n)
     for g, (name, vocab) in enumerate(groups):
         codebook[f"codebook_usage/{name}"] = codebook_usage(ids_NGn[:, g], vocab)
         codebook[f"unique_ratio/{name}"] = unique_token_ratio(ids_NGn[:, g])

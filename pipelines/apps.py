@@ -18,34 +18,30 @@ from coarse2fine.pipelines import runs
 from coarse2fine.pipelines.config import Config
 from coarse2fine.pipelines.stages import sample_settings
 from coarse2fine.preprocess.errors import UserKeyError, UserValueError
+from coarse2fine.train.checkpoints import Pair, load_pair
 
 
 @dataclass
-class Pair:
-    """A generator, its tokenizer, their methods and the class names the generator was trained on."""
+class Loaded:
+    """A finished generator run: its generator and tokenizer (``checkpoints.Pair``), the class
+    names it was trained on, and the device they are on."""
 
-    method: object
-    generator: torch.nn.Module
-    tok_method: object
-    tokenizer: torch.nn.Module
+    pair: Pair
     classes: list[str]
+    device: torch.device
 
-    def require(self, capability: str) -> None:
-        self.method.require(capability, self.tok_method, self.tokenizer.cfg)
-
-    def condition(self, label: str | None, n: int, device) -> torch.Tensor:
-        return torch.full((n,), class_id(label, self.classes, self.generator.cfg.null_class), device=device)
+    def condition(self, label: str | None, n: int) -> torch.Tensor:
+        null = self.pair.generator.cfg.null_class
+        return torch.full((n,), class_id(label, self.classes, null), device=self.device)
 
 
-def _load_pair(cfg: Config, run_id: str) -> tuple[Pair, torch.device]:
+def _load(cfg: Config, run_id: str) -> Loaded:
     from coarse2fine.evaluate.fid import resolve_device
-    from coarse2fine.train.checkpoints import load_model
 
     device = resolve_device(cfg.evaluate.device)
     tags = runs.finished_run(cfg.tracking, run_id, "generator")
-    method, gen = load_model(tags[runs.CHECKPOINT_TAG], device, "generator")
-    tok_method, tok = load_model(tags["c2f.tokenizer_checkpoint"], device, "tokenizer")
-    return Pair(method, gen, tok_method, tok, json.loads(tags.get("c2f.classes", "[]"))), device
+    pair = load_pair(tags[runs.CHECKPOINT_TAG], tags["c2f.tokenizer_checkpoint"], device)
+    return Loaded(pair, json.loads(tags.get("c2f.classes", "[]")), device)
 
 
 def class_id(label: str | None, classes: list[str], null_class: int) -> int:
@@ -83,12 +79,13 @@ def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: in
              **settings) -> dict:
     """Sample ``n`` images (stopped after ``stop_scale``), write the grid PNG and the token ids
     (``{out}.tokens.npz``, the input of :func:`refine`), log both to the generator's run."""
-    pair, device = _load_pair(cfg, run_id)
+    run = _load(cfg, run_id)
+    pair = run.pair
     if stop_scale is not None:
         pair.require("stop_scale")
     if settings.get("steps") is not None:
         pair.require("steps")
-    cond = pair.condition(label, n, device)
+    cond = run.condition(label, n)
     ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
                                      stop_scale)
     return _save_samples(ids, cond, images, run_id, seed, out)
@@ -97,14 +94,15 @@ def generate(cfg: Config, run_id: str, n: int, label: str | None, stop_scale: in
 def refine(cfg: Config, run_id: str, tokens_file: str, select: list[int] | None, stop_scale: int | None,
            seed: int, out: str, **settings) -> dict:
     """Continue saved partial sequences (all, or the ``select``-ed rows) to ``stop_scale``."""
-    pair, device = _load_pair(cfg, run_id)
+    run = _load(cfg, run_id)
+    pair = run.pair
     pair.require("refine")
     saved = np.load(tokens_file)
     rows = select if select else list(range(len(saved["ids"])))
     if max(rows) >= len(saved["ids"]):
         raise UserKeyError(f"{tokens_file} holds {len(saved['ids'])} sequences; --select {max(rows)} is out of range")
-    prefix = torch.from_numpy(saved["ids"][rows]).to(device)
-    cond = torch.from_numpy(saved["classes"][rows]).to(device)
+    prefix = torch.from_numpy(saved["ids"][rows]).to(run.device)
+    cond = torch.from_numpy(saved["classes"][rows]).to(run.device)
     ids, images = pair.method.sample(pair.generator, pair.tokenizer, cond, sample_settings(cfg, **settings), seed,
                                      stop_scale, prefix)
     return _save_samples(ids, cond, images, run_id, seed, out)
@@ -128,11 +126,12 @@ def _read_images(paths: list[str], resolution: int | None) -> torch.Tensor:
 
 def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, seed: int, out: str, **settings) -> dict:
     """Low-resolution images (side R/2^k) → full resolution; grid rows: input (nearest), output."""
-    pair, device = _load_pair(cfg, run_id)
+    run = _load(cfg, run_id)
+    pair = run.pair
     pair.require("upsample")
-    low = _read_images(images, None).to(device)
+    low = _read_images(images, None).to(run.device)
     pair.tok_method.check_input_side(pair.tokenizer.cfg, low.shape[-1])
-    cond = pair.condition(label, len(low), device)
+    cond = run.condition(label, len(low))
     _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
     R = up.shape[-1]
     grid = torch.cat([F.interpolate(low, size=(R, R), mode="nearest"), up]).float().cpu().numpy()
@@ -144,10 +143,11 @@ def edit(cfg: Config, run_id: str, images: list[str], keep_scales: int, label: s
          **settings) -> dict:
     """Keep the first scales of each image, regenerate the rest under ``label``; grid rows: input,
     its kept scales decoded, the edit."""
-    pair, device = _load_pair(cfg, run_id)
+    run = _load(cfg, run_id)
+    pair = run.pair
     pair.require("edit")
-    x = _read_images(images, pair.tokenizer.cfg.resolution).to(device)
-    cond = pair.condition(label, len(x), device)
+    x = _read_images(images, pair.tokenizer.cfg.resolution).to(run.device)
+    cond = run.condition(label, len(x))
     edited, kept = pair.method.edit(pair.generator, pair.tokenizer, x, keep_scales, cond,
                                     sample_settings(cfg, **settings), seed)
     kept = F.interpolate(kept, size=x.shape[-2:], mode="nearest")

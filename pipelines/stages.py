@@ -139,12 +139,13 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
 
 def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
     """SIT Table 2 / Table 4 in miniature (see ``evaluate/generator_eval.py``), logged into the run."""
-    from coarse2fine.train import methods
+    from coarse2fine.evaluate.fid import resolve_device
+    from coarse2fine.train.checkpoints import load_pair
 
     tags = runs.finished_run(cfg.tracking, run_id, "generator")
-    method = methods.generator(tags["c2f.method"])
-    report = method.evaluate(tags[runs.CHECKPOINT_TAG], tags["c2f.tokenizer_checkpoint"], tags["c2f.images"],
-                             cfg.evaluate, sample_settings(cfg), cfg.generator.eval_samples, cfg.evaluate.seed)
+    pair = load_pair(tags[runs.CHECKPOINT_TAG], tags["c2f.tokenizer_checkpoint"], resolve_device(cfg.evaluate.device))
+    report = pair.method.evaluate(pair, tags["c2f.images"], cfg.evaluate, sample_settings(cfg),
+                                  cfg.generator.eval_samples, cfg.evaluate.seed)
     client = mlflow.MlflowClient()
     metrics = [mlflow.entities.Metric(f"eval/{k}_{report.prefix}{row[report.key]}", float(v), 0, 0)
                for row in report.rows for k, v in row.items() if k != report.key and v == v]

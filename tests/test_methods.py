@@ -150,7 +150,7 @@ def test_block_causal_mask_for_blocks_of_unequal_sizes(sizes):
     assert torch.equal(block_causal_mask(sizes), expected)
 
 
-@pytest.mark.parametrize("side, ok", [(32, True), (16, True), (8, True), (4, False), (24, False)])
+@pytest.mark.parametrize("side, ok", [(32, True), (16, True), (8, True), (4, False), (24, False), (64, False)])
 def test_sit_accepts_inputs_of_its_resolution_over_powers_of_two(side, ok):
     sit = methods.tokenizer("sit")
     cfg = sit.model_config(sit.params(num_scales=3, tokens_per_scale=4), 32)  # scales at 8, 16, 32 px

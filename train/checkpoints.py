@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
 import torch
 
 from coarse2fine.preprocess.errors import UserValueError
+from coarse2fine.train.steps import unwrap
 
 CHECKPOINT_FILE = "state.pt"
 
 
-def _unwrap(module):
-    return module.module if hasattr(module, "module") else module
-
-
 def save_state(directory: str, kind: str, method: str, model_cfg, stateful: dict[str, Any], step: int) -> None:
     """Write ``state.pt`` into a local ``directory`` (Ray Train uploads it)."""
-    state = {k: _unwrap(v).state_dict() for k, v in stateful.items()}
+    state = {k: unwrap(v).state_dict() for k, v in stateful.items()}
     state |= {"step": step, "rng": torch.get_rng_state(), "kind": kind, "method": method,
               "model_config": asdict(model_cfg)}
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
@@ -39,14 +36,14 @@ def read_state(checkpoint_uri: str, device: str | torch.device = "cpu") -> dict:
         state = torch.load(f, map_location=device, weights_only=False)
     if "method" not in state:
         raise UserValueError(f"{checkpoint_uri} was saved before checkpoints recorded their method: retrain it "
-                         "(the run fingerprint changed with the code, so `c2f run` does that by itself)")
+                             "(the run fingerprint changed with the code, so `c2f run` does that by itself)")
     return state
 
 
 def resume(stateful: dict[str, Any], state: dict) -> int:
     """Restore every module, optimiser and scheduler and the RNG; return the step to continue from."""
     for k, obj in stateful.items():
-        _unwrap(obj).load_state_dict(state[k])
+        unwrap(obj).load_state_dict(state[k])
     torch.set_rng_state(state["rng"])
     return state["step"]
 
@@ -55,7 +52,7 @@ def warm_start(stateful: dict[str, Any], checkpoint_uri: str, names: list[str], 
     """Weights of ``names`` from a finished run; optimisers and schedule start fresh (nightly retraining)."""
     state = read_state(checkpoint_uri, device)
     for name in names:
-        _unwrap(stateful[name]).load_state_dict(state[name])
+        unwrap(stateful[name]).load_state_dict(state[name])
 
 
 def load_model(checkpoint_uri: str, device: str | torch.device = "cpu", kind: str | None = None):
@@ -66,7 +63,7 @@ def load_model(checkpoint_uri: str, device: str | torch.device = "cpu", kind: st
     if kind is not None and state["kind"] != kind:
         raise UserValueError(f"{checkpoint_uri} holds a {state['kind']}, not a {kind}")
     method = methods.get(state["kind"], state["method"])
-    model = method.build(method.config_from_dict(state["model_config"]))
+    model = method.build(method.config_cls(**state["model_config"]))
     model.load_state_dict(state["model"])
     return method, model.to(device).eval()
 
@@ -79,3 +76,28 @@ def load_tokenizer(checkpoint_uri: str, device: str | torch.device = "cpu") -> t
 def load_generator(checkpoint_uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The generator saved in ``{checkpoint_uri}/state.pt``, in eval mode on ``device``."""
     return load_model(checkpoint_uri, device, "generator")[1]
+
+
+@dataclass
+class Pair:
+    """A generator and its tokenizer, loaded with the methods their checkpoints record."""
+
+    method: object  # GeneratorMethod
+    generator: torch.nn.Module
+    tok_method: object  # TokenizerMethod
+    tokenizer: torch.nn.Module
+
+    def supported(self) -> list[str]:
+        """The capabilities the generator offers over this tokenizer."""
+        return self.method.supported(self.tok_method, self.tokenizer.cfg)
+
+    def require(self, capability: str) -> None:
+        """One-line UnsupportedError naming the methods and what they support, unless they do ``capability``."""
+        self.method.require(capability, self.tok_method, self.tokenizer.cfg)
+
+
+def load_pair(generator_uri: str, tokenizer_uri: str, device: str | torch.device = "cpu") -> Pair:
+    """A generator checkpoint and its tokenizer's, both in eval mode on ``device``."""
+    method, generator = load_model(generator_uri, device, "generator")
+    tok_method, tokenizer = load_model(tokenizer_uri, device, "tokenizer")
+    return Pair(method, generator, tok_method, tokenizer)

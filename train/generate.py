@@ -26,7 +26,7 @@ def check_pair(generator: ARSIT, tokenizer: SpectralTokenizer) -> None:
     g, t = generator.cfg, tokenizer.cfg
     if (g.num_scales, g.tokens_per_scale, g.codebook_size) != (t.num_scales, t.tokens_per_scale, t.codebook_size):
         raise UserValueError(f"generator models {g.num_scales}x{g.tokens_per_scale} tokens of {g.codebook_size} codes, "
-                         f"tokenizer has {t.num_scales}x{t.tokens_per_scale} of {t.codebook_size}")
+                             f"tokenizer has {t.num_scales}x{t.tokens_per_scale} of {t.codebook_size}")
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def generate(generator: ARSIT, tokenizer: SpectralTokenizer, classes_B: torch.Te
         raise UserValueError(f"stop scale must be in 1..{S}, got {s}")
     if prefix_BP is not None and prefix_BP.shape[1] > s * N:
         raise UserValueError(f"the given sequences already hold {prefix_BP.shape[1] // N} scales; "
-                         f"stop scale {s} would cut them (use a stop scale >= {-(-prefix_BP.shape[1] // N)})")
+                             f"stop scale {s} would cut them (use a stop scale >= {-(-prefix_BP.shape[1] // N)})")
     gen = torch.Generator(classes_B.device).manual_seed(seed)
     ids = sample_tokens(generator, classes_B, s * N, prefix_BP, settings.guidance, settings.temperature,
                         settings.top_k, settings.top_p, gen, use_cache)

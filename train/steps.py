@@ -67,9 +67,15 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
         disc_optimizer.step()
         scalars["d_loss"] = d_loss
     scalars["loss"] = loss
-    ids_BGn = indices.reshape(len(indices), len(groups), -1) if groups else indices  # (B, groups, n)
+    ids_BGn = group_ids(indices, groups) if groups else indices  # (B, groups, n)
     usage = {f"batch_usage/{name}": ids_BGn[:, g].unique().numel() / vocab for g, (name, vocab) in enumerate(groups)}
     return {k: v.item() for k, v in scalars.items()} | usage | {"lr": scheduler.get_last_lr()[0]}
+
+
+def group_ids(indices: torch.Tensor, groups: list[tuple[str, int]]) -> torch.Tensor:
+    """Token ids (B, …) → (B, groups, n): one row of ids per (name, vocabulary) group of the
+    layout (``methods.base.usage_groups``)."""
+    return indices.reshape(len(indices), len(groups), -1)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

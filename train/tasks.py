@@ -86,6 +86,7 @@ class GeneratorTask:
         self.method, self.model_cfg, self.train, self.tokenizer_uri = method, model_cfg, train, tokenizer_uri
         self.layout, self.betas = layout, method.betas
         self.columns = ["key", "label"] + [c.name for c in layout]
+        self._tokenizer = None  # loaded on the worker at the first preview, then kept
 
     def load(self, rows, rank, world):
         self.tokens, self.labels = data.token_rows(rows, self.layout, self.model_cfg.null_class, rank, world)
@@ -104,7 +105,8 @@ class GeneratorTask:
     def preview(self, model, idx, device):
         from coarse2fine.train.checkpoints import load_tokenizer
 
-        tokenizer = load_tokenizer(self.tokenizer_uri, device)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_uri, device)
         cond = self.labels[idx[:PREVIEW]].to(device)
-        _, images = self.method.sample(unwrap(model), tokenizer, cond, SampleSettings(), self.train.seed)
+        _, images = self.method.sample(unwrap(model), self._tokenizer, cond, SampleSettings(), self.train.seed)
         return images.float().cpu().numpy(), "samples"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from coarse2fine.preprocess.schema import TokenColumn
 from coarse2fine.train.methods.base import GeneratorMethod, check, params_section
 from coarse2fine.train.models.arsit import ARSITConfig, build_generator
+from coarse2fine.train.steps import unwrap
 
 # the tokens layout and the data set these
 DERIVED = ("num_scales", "tokens_per_scale", "codebook_size", "num_classes")
@@ -45,7 +46,7 @@ class ARSIT(GeneratorMethod):
         return build_generator(model_cfg)
 
     def loss(self, model, ids_BL, cond_B):
-        cfg = model.module.cfg if hasattr(model, "module") else model.cfg
+        cfg = unwrap(model).cfg
         logits = model(ids_BL, cond_B)  # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), ids_BL.flatten(), reduction="none")  # (B·L,)
         per_scale = nll.detach().view(ids_BL.shape[0], cfg.num_scales, cfg.tokens_per_scale).mean((0, 2))  # (S,)
@@ -62,19 +63,18 @@ class ARSIT(GeneratorMethod):
         return upsample(generator, tokenizer, low_B3rr, classes_B, settings, seed)
 
     def edit(self, generator, tokenizer, image_B3RR, keep_scales, classes_B, settings, seed):
-        """The edit and its kept scales decoded (both (B, 3, ·, ·))."""
-        from coarse2fine.train.generate import decode, edit, encode_prefix
+        """The edit and its kept scales decoded (both (B, 3, ·, ·)); the image is encoded once."""
+        from coarse2fine.train.generate import decode, encode_prefix, generate
 
-        _, edited = edit(generator, tokenizer, image_B3RR, keep_scales, classes_B, settings, seed)
-        return edited, decode(tokenizer, encode_prefix(tokenizer, image_B3RR, keep_scales))
+        prefix = encode_prefix(tokenizer, image_B3RR, keep_scales)  # (B, k·N)
+        _, edited = generate(generator, tokenizer, classes_B, None, settings, seed, prefix)
+        return edited, decode(tokenizer, prefix)
 
-    def evaluate(self, generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed):
+    def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``): the stop-scale rows below
         the last scale and the upsampling rows only where the tokenizer supports them."""
         from coarse2fine.evaluate.generator_eval import evaluate_generator
-        from coarse2fine.train.checkpoints import load_model
 
-        tok_method, tok = load_model(tokenizer_uri, "cpu", "tokenizer")
-        can = self.supported(tok_method, tok.cfg)
-        return evaluate_generator(generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed,
+        can = pair.supported()
+        return evaluate_generator(pair.generator, pair.tokenizer, images_uri, cfg, settings, num_samples, seed,
                                   stop_scales="stop_scale" in can, upsampling="upsample" in can)

@@ -5,8 +5,8 @@ models such a layout. Each declares its typed parameter section (config ``tokeni
 ``generator.<name>``, derived from its model dataclass so defaults live in one place), its model
 config and builder, the datasets it reads, its token layout, the modules of its code fingerprint
 and its capabilities. Stages, the Ray launch, tokenization, evaluation and the CLI dispatch only
-through these objects. What is still method-shaped outside them: the generator evaluation stage
-logs AR-SIT's report (rows per stop scale, upsampling), see ``pipelines/stages.py``.
+through these objects; a generator's evaluation returns a ``GeneratorReport`` (rows per sampling
+setting) that the evaluation stage logs without knowing the method.
 """
 
 from __future__ import annotations
@@ -96,10 +96,6 @@ class Method(ABC):
     def build(self, model_cfg) -> torch.nn.Module:
         """The model of this method for its model dataclass (the method's one builder)."""
 
-    def config_from_dict(self, d: dict):
-        """The model dataclass saved in a checkpoint (as ``dataclasses.asdict``)."""
-        return self.config_cls(**d)
-
     def model_modules(self) -> list[ModuleType]:
         """The method's own modules (what encoding or sampling runs, without the training loop)."""
         return modules(self.code)
@@ -130,7 +126,8 @@ class TokenizerMethod(Method):
 
     @abstractmethod
     def reconstruct(self, model: torch.nn.Module, x_B3rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction in [0, 1] at the input's resolution and the ids (B, groups, n) (evaluation)."""
+        """Reconstruction in [0, 1] at the input's resolution and the ids (B, …), grouped as
+        :func:`usage_groups` of the layout (evaluation)."""
 
     def eval_resolutions(self, model_cfg) -> list[int]:
         """Resolutions the reconstruction table reports, full resolution first."""
@@ -172,9 +169,9 @@ class GeneratorMethod(Method):
         """Token sequences (B, L') and images (B, 3, r, r) in [0, 1]."""
 
     @abstractmethod
-    def evaluate(self, generator_uri: str, tokenizer_uri: str, images_uri: str, cfg, settings, num_samples: int,
-                 seed: int):
-        """The method's generation report (FID etc.), logged by ``pipelines/stages.py``."""
+    def evaluate(self, pair, images_uri: str, cfg, settings, num_samples: int, seed: int):
+        """The method's ``GeneratorReport`` (FID etc.) of a loaded ``checkpoints.Pair``, logged by
+        ``pipelines/stages.py``."""
 
     def upsample(self, generator, tokenizer, low_B3rr, classes_B, settings, seed):
         """Low-resolution images → generated full-resolution ones (capability ``upsample``)."""

@@ -15,6 +15,7 @@ import torch
 from coarse2fine.preprocess.schema import TokenColumn
 from coarse2fine.train.methods.base import GeneratorMethod, UnsupportedError, check, params_section
 from coarse2fine.train.models.maskgit import MaskGITConfig, build_maskgit
+from coarse2fine.train.steps import unwrap
 
 DEFAULT_STEPS = 10  # CQ seed Table 1 ("10" sampling steps for Ours-B/L)
 
@@ -46,7 +47,7 @@ class MaskGIT(GeneratorMethod):
     def loss(self, model, tokens, cond_B):
         from coarse2fine.train.masked import masked_loss
 
-        cfg = model.module.cfg if hasattr(model, "module") else model.cfg
+        cfg = unwrap(model).cfg
         return masked_loss(model, tokens, cond_B, cfg.mask_id)
 
     def sample(self, generator, tokenizer, classes_B, settings, seed, stop=None, prefix=None):
@@ -61,18 +62,16 @@ class MaskGIT(GeneratorMethod):
             images = tokenizer.decode_indices(ids).clamp(0, 1)
         return ids, images
 
-    def evaluate(self, generator_uri, tokenizer_uri, images_uri, cfg, settings, num_samples, seed):
+    def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """CQ Table 7 in miniature: FID/KID and images/s at the default and at one-token-per-step
         decoding (10 vs 64 steps in the seed, where the sequence has 64+ tokens)."""
         from dataclasses import replace
 
-        from coarse2fine.evaluate.fid import Evaluator, resolve_device
+        from coarse2fine.evaluate.fid import Evaluator
         from coarse2fine.evaluate.generator_eval import GeneratorReport, balanced_classes, sample_row
-        from coarse2fine.train.checkpoints import load_generator, load_tokenizer
 
-        device = resolve_device(cfg.device)
-        gen, tok = load_generator(generator_uri, device), load_tokenizer(tokenizer_uri, device)
-        classes = balanced_classes(num_samples, gen.cfg.num_classes, device)
+        gen, tok = pair.generator, pair.tokenizer
+        classes = balanced_classes(num_samples, gen.cfg.num_classes, next(gen.parameters()).device)
         ev = Evaluator(cfg)
         rows, grid = [], []
         self.sample(gen, tok, classes[:1], settings, seed)  # warm-up: one-off initialisation is not throughput

@@ -40,9 +40,10 @@ class SIT(TokenizerMethod):
                 for s in range(model_cfg.num_scales)]
 
     def capabilities(self, model_cfg: SITConfig) -> frozenset[str]:
-        multi = model_cfg.num_scales > 1
-        return frozenset({"decode_prefix"} if multi and model_cfg.causal_decoder else set()) | \
-            frozenset({"encode_prefix"} if multi and model_cfg.causal_encoder else set())
+        if model_cfg.num_scales == 1:
+            return frozenset()
+        return frozenset(cap for cap, causal in (("decode_prefix", model_cfg.causal_decoder),
+                                                 ("encode_prefix", model_cfg.causal_encoder)) if causal)
 
     def describe(self, model_cfg: SITConfig) -> str:
         suffix = {(True, True): "-SC", (True, False): "-SCE", (False, True): "-SCD", (False, False): ""}
@@ -71,8 +72,8 @@ class SIT(TokenizerMethod):
 
     def check_input_side(self, model_cfg: SITConfig, side: int) -> None:
         """A scale-causal SIT encodes R/2^k natively (k < number of scales)."""
-        k = (model_cfg.resolution // side).bit_length() - 1
-        check(side << k == model_cfg.resolution and k < model_cfg.num_scales,
+        k = (model_cfg.resolution // side).bit_length() - 1 if 0 < side <= model_cfg.resolution else -1
+        check(k >= 0 and side << k == model_cfg.resolution and k < model_cfg.num_scales,
               f"a {side}px image is not this tokenizer's {model_cfg.resolution}px / 2^k, k < {model_cfg.num_scales}")
 
     def eval_resolutions(self, model_cfg: SITConfig) -> list[int]:
