@@ -21,6 +21,7 @@ from coarse2fine.evaluate.fid import Evaluator, resolve_device
 from coarse2fine.evaluate.metrics import codebook_usage, reconstruction_metrics, unique_token_ratio
 from coarse2fine.preprocess import schema
 from coarse2fine.train.checkpoints import load_model
+from coarse2fine.train.data import load_bases
 from coarse2fine.train.methods.base import usage_groups
 from coarse2fine.train.steps import group_ids
 
@@ -34,23 +35,28 @@ class TokenizerReport:
     grid: np.ndarray  # (2·n, 3, R, R): originals then reconstructions
 
 
-def held_out(images_uri: str, limit: int) -> tuple[torch.Tensor, list[int | None]]:
+def held_out(images_uri: str, limit: int, with_keys: bool = False):
     """Images and labels of the validation split (the train split when there is no validation
-    row), sorted by key."""
+    row), sorted by key (and their keys)."""
     t = schema.read_table(images_uri, ["key", "split", "label", "image"]).sort_by("key")
     splits = t.column("split").to_pylist()
     pick = "validation" if "validation" in splits else "train"
     rows = [i for i, s in enumerate(splits) if s == pick][:limit]
-    imgs, labels = t.column("image").to_pylist(), t.column("label").to_pylist()
-    return torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows])), [labels[i] for i in rows]
-
+    imgs, labels, keys = (t.column(c).to_pylist() for c in ("image", "label", "key"))
+    out = torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows])), [labels[i] for i in rows]
+    return out + ([keys[i] for i in rows],) if with_keys else out
 
 
 def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfig,
-                        resolutions: list[int] | None = None, with_fid: bool = True) -> TokenizerReport:
+                        resolutions: list[int] | None = None, with_fid: bool = True,
+                        decomposition_uri: str | None = None) -> TokenizerReport:
+    """The report of a tokenizer checkpoint on held-out images (with their Mumford–Shah bases from
+    ``decomposition_uri`` when the method takes them)."""
     device = resolve_device(cfg.device)
     method, model = load_model(checkpoint_uri, device, "tokenizer")
-    x, _ = held_out(images_uri, cfg.max_samples)
+    x, _, keys = held_out(images_uri, cfg.max_samples, with_keys=True)
+    k = method.factors(model.cfg)
+    bases = load_bases(decomposition_uri, keys, k) if k else None
     R = model.cfg.resolution
     assert x.shape[-1] == R, f"images are {x.shape[-1]}px, the tokenizer was trained at {R}px"
     ev = Evaluator(cfg) if with_fid else None
@@ -59,8 +65,9 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
         xr = F.avg_pool2d(x, R // r) if r != R else x  # (N, 3, r, r) block averages
         recon, idx = [], []
         t = time.perf_counter()
-        for b in torch.split(xr, cfg.batch_size):
-            rb, ib = method.reconstruct(model, b.to(device))
+        for i, b in enumerate(torch.split(xr, cfg.batch_size)):
+            bb = None if bases is None else bases[i * cfg.batch_size: (i + 1) * cfg.batch_size].to(device)
+            rb, ib = method.reconstruct(model, b.to(device), bb)
             recon.append(rb.cpu())
             idx.append(ib.cpu())
         seconds = time.perf_counter() - t
@@ -78,9 +85,8 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
             full_idx, full_recon = idx_t, recon_t
     codebook = {}
     groups = usage_groups(method.layout(model.cfg))
-    ids_NGn = group_ids(full_idx, groups)  # (N, groups, n)
-    for g, (name, vocab) in enumerate(groups):
-        codebook[f"codebook_usage/{name}"] = codebook_usage(ids_NGn[:, g], vocab)
-        codebook[f"unique_ratio/{name}"] = unique_token_ratio(ids_NGn[:, g])
+    for ids_Nn, (name, vocab, _) in zip(group_ids(full_idx, groups), groups):
+        codebook[f"codebook_usage/{name}"] = codebook_usage(ids_Nn, vocab)
+        codebook[f"unique_ratio/{name}"] = unique_token_ratio(ids_Nn)
     n = min(8, len(x))
     return TokenizerReport(rows, codebook, torch.cat([x[:n], full_recon[:n]]).numpy())

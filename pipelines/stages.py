@@ -44,28 +44,50 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool
     images_fp = schema.read_manifest(images_uri)["fingerprint"]
     spec, code = tokenizer_spec(cfg)
     tags = {"c2f.images": images_uri, "c2f.images_fingerprint": images_fp, "c2f.perceptual": PERCEPTUAL_OFF}
+    decomposition_uri, data_fp = decomposition_for(cfg, images_uri), images_fp
+    if decomposition_uri:  # the data is images ⋈ decomposition: both fingerprints
+        data_fp = storage.fingerprint("images+decomposition", {}, [images_fp,
+                                      schema.read_manifest(decomposition_uri)["fingerprint"]], "")
+        tags["c2f.decomposition"] = decomposition_uri
     return runs.tracked_fit(
-        cfg.tracking, cfg.model_dump(mode="json"), "tokenizer", cfg.tokenizer.method, spec, code, images_fp, tags,
+        cfg.tracking, cfg.model_dump(mode="json"), "tokenizer", cfg.tokenizer.method, spec, code, data_fp, tags,
         cfg.tokenizer.train.max_steps, warm_start, lambda logger, run_name, init: fit_tokenizer(
             images_uri, cfg.tokenizer, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"), run_name,
-            cfg.ray, logger, stop_after, init))
+            cfg.ray, logger, stop_after, init, decomposition_uri))
+
+
+def decomposition_for(cfg: Config, images_uri: str) -> str | None:
+    """The ``decomposition`` dataset of ``images_uri`` (reused, or built now) when the configured
+    tokenizer takes Mumford–Shah bases, after checking it serves them (order, keys); else None."""
+    from coarse2fine.preprocess.beam_jobs import decomposition
+    from coarse2fine.train import data
+
+    k = cfg.tokenizer.method_plugin().factors(cfg.tokenizer.model_config_for(cfg.data.resolution))
+    if not k:
+        return None
+    uri = decomposition(images_uri, cfg.data, cfg.preprocess, cfg.storage).uris["decomposition"]
+    data.check_decomposition(images_uri, uri, k)
+    return uri
 
 
 def tokenize(cfg: Config, run_id: str) -> StageResult:
     """Beam job: the ``tokens/{fingerprint}`` dataset of a trained tokenizer run, in the layout its
     method declares (recorded in the manifest, ``config.layout``)."""
     from coarse2fine.train import checkpoints, tokenize as tok
+    from coarse2fine.train.data import decomposition_columns
 
     tags = runs.finished_run(cfg.tracking, run_id)
     ckpt, images_uri = tags[runs.CHECKPOINT_TAG], tags["c2f.images"]
     method, model = checkpoints.load_model(ckpt, "cpu", "tokenizer")
     layout = method.layout(model.cfg)
+    k = method.factors(model.cfg)
     result = run_image_stage(
         "tokens", images_uri, cfg.preprocess, cfg.storage,
         {"tokenizer_run": run_id, "checkpoint": ckpt, "fingerprint": tags[runs.FINGERPRINT_TAG],
          "method": method.name, "layout_version": schema.TOKENS_LAYOUT_VERSION,
          "layout": schema.layout_to_json(layout)},
         storage.code_version(tok, checkpoints, *method.model_modules()), schema.tokens_schema(layout), tok.token_rows(ckpt),
+        (tags["c2f.decomposition"], decomposition_columns(tags["c2f.decomposition"])[1]) if k else None,
     )
     mlflow.MlflowClient().set_tag(run_id, "c2f.tokens", result.uris["tokens"])
     return result
@@ -118,7 +140,8 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     from coarse2fine.evaluate.tokenizer_eval import evaluate_checkpoint
 
     tags = runs.finished_run(cfg.tracking, run_id)
-    report = evaluate_checkpoint(tags[runs.CHECKPOINT_TAG], tags["c2f.images"], cfg.evaluate)
+    report = evaluate_checkpoint(tags[runs.CHECKPOINT_TAG], tags["c2f.images"], cfg.evaluate,
+                                 decomposition_uri=tags.get("c2f.decomposition"))
     client = mlflow.MlflowClient()
     for row in report.rows:
         res = row["resolution"]

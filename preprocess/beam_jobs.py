@@ -264,6 +264,23 @@ def _image_rows(shard_uri: str) -> Iterator[tuple[str, dict]]:
         yield key, {"image": png, "label": label, "split": split}
 
 
+def _decomposition_rows(shard_uri: str, columns: list[str]) -> Iterator[tuple[str, dict]]:
+    """``(key, {"order": n, column: float32 bytes, …})`` for every row of a decomposition shard
+    (bytes, not arrays, travel between transforms; each array is (3, H, W))."""
+    table = storage.read_shard(shard_uri, ["key", "order"] + columns)
+    arrays = {c: schema.tensor_numpy(table.column(c)).astype(np.float32) for c in columns}
+    for i, (key, order) in enumerate(zip(table.column("key").to_pylist(), table.column("order").to_pylist())):
+        yield key, {"order": order} | {c: a[i].tobytes() for c, a in arrays.items()}
+
+
+def _with_decomposition(item: tuple[str, dict]) -> Iterator[tuple[str, dict]]:
+    """A CoGroupByKey result → the image row with its ``decomposition`` (rows of images not in
+    this run, e.g. carried over, drop out; the driver checked that every image has a row)."""
+    key, grouped = item
+    for row in grouped["images"]:
+        yield key, row | {"decomposition": grouped["decomposition"][0]}
+
+
 def run_image_stage(
     stage: str,
     images_uri: str,
@@ -273,16 +290,20 @@ def run_image_stage(
     code: str,
     table_schema,
     make_rows,
+    join: tuple[str, list[str]] | None = None,
 ) -> StageResult:
     """Driver of a per-image Beam stage: fingerprint, reuse, Beam map, manifest.
 
     ``make_rows(items)`` turns one output shard's ``[(key, {"image", "label", "split"}), …]`` (sorted by
-    key) into row dicts of ``table_schema``; it runs on the Beam workers (batch work goes there)."""
+    key) into row dicts of ``table_schema``; it runs on the Beam workers (batch work goes there).
+    ``join = (decomposition_uri, columns)`` adds each image's ``decomposition`` row (those columns
+    as float32 bytes, and its ``order``), joined by key in the Beam graph (CoGroupByKey)."""
     t0 = time.perf_counter()
     src = storage.read_manifest(images_uri)
     if src is None:
         raise storage.IncompleteDatasetError(f"{images_uri} is incomplete: run ingest first")
-    fp = storage.fingerprint(stage, config, [src["fingerprint"]], code)
+    joined = [storage.read_manifest(join[0])["fingerprint"]] if join else []
+    fp = storage.fingerprint(stage, config, [src["fingerprint"]] + joined, code)
     uri = storage.dataset_uri(store.root, stage, fp)
     done = storage.read_manifest(uri)
     if done is not None:
@@ -302,16 +323,20 @@ def run_image_stage(
         todo = [storage.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
         inputs["carried_over_from"] = prev_uri
         log.info("%s: carrying over %d rows of %s", stage, prev["rows"], prev_uri)
+    if join:
+        inputs["decomposition"] = join[0]
     new_rows = src["rows"] - sum(s["rows"] for s in carried)
     log.info("%s: %d images -> %s", stage, new_rows, uri)
     if todo:
         p = make_pipeline(pre)
-        (
-            p
-            | "ListShards" >> beam.Create(todo, reshuffle=True)
-            | "ReadImages" >> beam.FlatMap(_image_rows)
-            | "Write" >> _WriteShards(uri, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
-        )
+        rows = p | "ListShards" >> beam.Create(todo, reshuffle=True) | "ReadImages" >> beam.FlatMap(_image_rows)
+        if join:
+            parts = storage.shard_uris(join[0])
+            dec = (p | "ListDecomposition" >> beam.Create(parts, reshuffle=True)
+                   | "ReadDecomposition" >> beam.FlatMap(_decomposition_rows, join[1]))
+            rows = {"images": rows, "decomposition": dec} | "JoinByKey" >> beam.CoGroupByKey() \
+                | "WithDecomposition" >> beam.FlatMap(_with_decomposition)
+        rows | "Write" >> _WriteShards(uri, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
         p.run().wait_until_finish()
     manifest = _finish(uri, run_id, table_schema, carried, stage=stage, fp=fp, config=config,
                        inputs=inputs, code=code)

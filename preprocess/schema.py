@@ -103,13 +103,14 @@ class TokenColumn:
     """One token column of a ``tokens`` dataset: per-row tensor ``shape`` and ``dtype`` (``int32``
     code ids with ``vocab`` codes, or ``float16`` continuous latents with ``vocab`` 0), and its
     ``role`` in the method's sequence (a SIT scale, a CQ channel set, a CART base or detail map, a
-    FAR latent)."""
+    FAR latent). CART names its detail maps ``detail_{k}_{j}`` (detail D_k, residual map j)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     vocab: int
     role: str
+    code_dim: int = 0  # dimension of the code vectors behind the ids, when a generator embeds them (CART, as VAR)
 
     def __post_init__(self) -> None:
         assert self.role in TOKEN_ROLES, f"unknown token role {self.role!r}"

@@ -176,10 +176,13 @@ def fit(
 
 def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, checkpoints_root: str,
                   run_name: str, ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
-                  stop_after: int | None = None, init_checkpoint: str | None = None) -> FitResult:
-    """Train (or resume) the configured tokenizer method on the ``train`` split of an ``images`` dataset."""
+                  stop_after: int | None = None, init_checkpoint: str | None = None,
+                  decomposition_uri: str | None = None) -> FitResult:
+    """Train (or resume) the configured tokenizer method on the ``train`` split of an ``images``
+    dataset (joined by key with ``decomposition_uri`` for a method that takes bases, CART)."""
     method = tokenizer.method_plugin()
-    task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train)
+    task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train,
+                         decomposition_uri)
     return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
                "split == 'train'", init_checkpoint)
 

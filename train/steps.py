@@ -30,16 +30,18 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "c
 
 def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weights: LossWeights,
                          clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None,
-                         groups: list[tuple[str, int]] = ()) -> dict[str, float]:
-    """One optimisation step on a batch of images in [0, 1]; returns scalar metrics, including the
-    share of each token group's codebook used by the batch (collapse shows from the first step):
-    ``groups`` = (name, vocabulary) of the groups along dim 1 of the model's indices.
+                         groups: list[tuple[str, int, int]] = (), bases: torch.Tensor | None = None
+                         ) -> dict[str, float]:
+    """One optimisation step on a batch of images in [0, 1] (and their Mumford–Shah ``bases`` for
+    a model that takes them, CART); returns scalar metrics, including the share of each token
+    group's codebook used by the batch (collapse shows from the first step): ``groups`` =
+    (name, vocabulary, tokens) of the groups in the model's flat indices.
 
     With a discriminator (and ``step >= weights.adversarial_start``) the tokenizer also gets the
     hinge generator loss and the discriminator one hinge step on real vs reconstructed images.
     """
     model.train()
-    recon, indices, losses = model(x_B3HW)
+    recon, indices, losses = model(x_B3HW) if bases is None else model(x_B3HW, bases)
     l2 = reconstruction_loss(recon, x_B3HW)
     loss = weights.l2 * l2 + losses["aux"]
     adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
@@ -67,15 +69,15 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
         disc_optimizer.step()
         scalars["d_loss"] = d_loss
     scalars["loss"] = loss
-    ids_BGn = group_ids(indices, groups) if groups else indices  # (B, groups, n)
-    usage = {f"batch_usage/{name}": ids_BGn[:, g].unique().numel() / vocab for g, (name, vocab) in enumerate(groups)}
+    usage = {f"batch_usage/{name}": ids.unique().numel() / vocab
+             for ids, (name, vocab, _) in zip(group_ids(indices, groups), groups)}
     return {k: v.item() for k, v in scalars.items()} | usage | {"lr": scheduler.get_last_lr()[0]}
 
 
-def group_ids(indices: torch.Tensor, groups: list[tuple[str, int]]) -> torch.Tensor:
-    """Token ids (B, …) → (B, groups, n): one row of ids per (name, vocabulary) group of the
-    layout (``methods.base.usage_groups``)."""
-    return indices.reshape(len(indices), len(groups), -1)
+def group_ids(indices: torch.Tensor, groups: list[tuple[str, int, int]]) -> list[torch.Tensor]:
+    """Token ids (B, …) → one (B, n_g) tensor per (name, vocabulary, tokens) group of the layout
+    (``methods.base.usage_groups``), in sequence order."""
+    return list(indices.reshape(len(indices), -1).split([n for _, _, n in groups], dim=1))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,10 +86,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def tokenizer_eval_step(model, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenizer_eval_step(model, x_B3HW: torch.Tensor, bases: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruction (clamped to [0, 1]) and token ids of a batch."""
     model.eval()
-    recon, indices, _ = model(x_B3HW)
+    recon, indices, _ = model(x_B3HW) if bases is None else model(x_B3HW, bases)
     return recon.clamp(0, 1), indices
 
 

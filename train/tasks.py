@@ -4,6 +4,7 @@ method plug-in declares (model builder, token layout, loss, sampler)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,13 +45,18 @@ class Task(Protocol):
 
 
 class TokenizerTask:
-    """A tokenizer on the ``images`` dataset: L2 + the quantizer's loss (+ adversarial)."""
+    """A tokenizer on the ``images`` dataset (joined by key with ``decomposition_uri`` when its
+    method takes Mumford–Shah bases): L2 + the quantizer's loss (+ adversarial)."""
 
     columns = ["key", "image"]
     betas = (0.9, 0.99)
 
-    def __init__(self, method: TokenizerMethod, model_cfg, train: TrainConfig) -> None:
+    def __init__(self, method: TokenizerMethod, model_cfg, train: TrainConfig,
+                 decomposition_uri: str | None = None) -> None:
         self.method, self.model_cfg, self.train = method, model_cfg, train
+        self.factors = method.factors(model_cfg)
+        assert not self.factors or decomposition_uri, f"{method.name} reads the decomposition dataset"
+        self.decomposition_uri = decomposition_uri
         self.groups = usage_groups(method.layout(model_cfg))
         self.weights = LossWeights(adversarial=train.adversarial_weight,
                                    adversarial_start=int(train.adversarial_start * train.max_steps),
@@ -58,7 +64,12 @@ class TokenizerTask:
 
     def load(self, rows, rank, world):
         self.images = data.decode_rows(rows["key"], rows["image"], rank, world)
+        keys = [rows["key"][i] for i in data.rank_order(rows["key"], rank, world)]
+        self.bases = data.load_bases(self.decomposition_uri, keys, self.factors) if self.factors else None
         return len(self.images)
+
+    def _bases(self, idx, device):
+        return None if self.bases is None else self.bases[idx].to(device)
 
     def build(self):
         return self.method.build(self.model_cfg)
@@ -69,11 +80,11 @@ class TokenizerTask:
     def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
         disc, disc_opt = extras.get("disc", (None, None))
         return tokenizer_train_step(model, optimizer, scheduler, self.images[idx].to(device), self.weights,
-                                    self.train.clip_norm, step, disc, disc_opt, self.groups)
+                                    self.train.clip_norm, step, disc, disc_opt, self.groups, self._bases(idx, device))
 
     def preview(self, model, idx, device):
         x = self.images[idx[:PREVIEW]].to(device)
-        recon, _ = tokenizer_eval_step(model, x)
+        recon, _ = tokenizer_eval_step(model, x, self._bases(idx[:PREVIEW], device))
         return torch.cat([x, recon]).float().cpu().numpy(), "reconstructions"
 
 
@@ -86,11 +97,19 @@ class GeneratorTask:
         self.method, self.model_cfg, self.train, self.tokenizer_uri = method, model_cfg, train, tokenizer_uri
         self.layout, self.betas = layout, method.betas
         self.columns = ["key", "label"] + [c.name for c in layout]
-        self._tokenizer = None  # loaded on the worker at the first preview, then kept
+        self._tokenizer = None  # loaded on the worker at first use (loss or preview), then kept
 
     def load(self, rows, rank, world):
         self.tokens, self.labels = data.token_rows(rows, self.layout, self.model_cfg.null_class, rank, world)
         return len(self.tokens)
+
+    def tokenizer(self, device):
+        """The frozen tokenizer, loaded on the worker at first use and kept."""
+        from coarse2fine.train.checkpoints import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_uri, device).requires_grad_(False)
+        return self._tokenizer
 
     def build(self):
         return self.method.build(self.model_cfg)
@@ -100,13 +119,10 @@ class GeneratorTask:
 
     def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
         return generator_train_step(model, optimizer, scheduler, self.tokens[idx].to(device),
-                                    self.labels[idx].to(device), self.method.loss, self.train.clip_norm)
+                                    self.labels[idx].to(device), partial(self.method.loss, tokenizer=self.tokenizer(device)),
+                                    self.train.clip_norm)
 
     def preview(self, model, idx, device):
-        from coarse2fine.train.checkpoints import load_tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_uri, device)
         cond = self.labels[idx[:PREVIEW]].to(device)
-        _, images = self.method.sample(unwrap(model), self._tokenizer, cond, SampleSettings(), self.train.seed)
+        _, images = self.method.sample(unwrap(model), self.tokenizer(device), cond, SampleSettings(), self.train.seed)
         return images.float().cpu().numpy(), "samples"

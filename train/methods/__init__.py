@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from coarse2fine.train.methods.ar_sit import ARSIT
 from coarse2fine.train.methods.base import GeneratorMethod, TokenizerMethod, UnsupportedError
+from coarse2fine.train.methods.cart import CART
+from coarse2fine.train.methods.cart_ar import CARTAR
 from coarse2fine.train.methods.cq import CQ
 from coarse2fine.train.methods.maskgit import MaskGIT
 from coarse2fine.train.methods.sit import SIT
 from coarse2fine.train.methods.vit_vq import ViTVQ
 from coarse2fine.train.methods.vqgan import VQGAN
 
-TOKENIZERS: dict[str, TokenizerMethod] = {m.name: m for m in (SIT(), ViTVQ(), CQ(), VQGAN())}
-GENERATORS: dict[str, GeneratorMethod] = {m.name: m for m in (ARSIT(), MaskGIT())}
+TOKENIZERS: dict[str, TokenizerMethod] = {m.name: m for m in (SIT(), ViTVQ(), CQ(), VQGAN(), CART())}
+GENERATORS: dict[str, GeneratorMethod] = {m.name: m for m in (ARSIT(), MaskGIT(), CARTAR())}
 
 
 def get(kind: str, name: str) -> TokenizerMethod | GeneratorMethod:

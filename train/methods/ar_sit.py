@@ -45,7 +45,7 @@ class ARSIT(GeneratorMethod):
     def build(self, model_cfg: ARSITConfig):
         return build_generator(model_cfg)
 
-    def loss(self, model, ids_BL, cond_B):
+    def loss(self, model, ids_BL, cond_B, tokenizer=None):
         cfg = unwrap(model).cfg
         logits = model(ids_BL, cond_B)  # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), ids_BL.flatten(), reduction="none")  # (B·L,)

@@ -64,13 +64,14 @@ def params_section(config_cls: type, derived: tuple[str, ...], doc: str) -> type
     return pydantic.create_model(f"{config_cls.__name__}Section", __base__=Section, __doc__=doc, **fields)
 
 
-def usage_groups(layout: list[TokenColumn]) -> list[tuple[str, int]]:
-    """(metric name, vocabulary) of each id column: ``{role}_{i}`` (e.g. ``scale_0``)."""
+def usage_groups(layout: list[TokenColumn]) -> list[tuple[str, int, int]]:
+    """(metric name, vocabulary, tokens) of each id column: ``{role}_{i}`` (e.g. ``scale_0``), in
+    the order of the flat id sequence."""
     seen: dict[str, int] = {}
     groups = []
     for c in layout:
         if c.vocab:
-            groups.append((f"{c.role}_{seen.get(c.role, 0)}", c.vocab))
+            groups.append((f"{c.role}_{seen.get(c.role, 0)}", c.vocab, c.size))
             seen[c.role] = seen.get(c.role, 0) + 1
     return groups
 
@@ -116,17 +117,26 @@ class TokenizerMethod(Method):
     def capabilities(self, model_cfg) -> frozenset[str]:
         return frozenset()
 
+    def factors(self, model_cfg) -> int:
+        """How many Mumford–Shah bases B_1 … B_k the model takes beside each image (``bases``
+        below): k > 0 reads the ``decomposition`` dataset joined with ``images`` by key; 0 reads
+        ``images`` only."""
+        return 0
+
     def describe(self, model_cfg) -> str:
         """A few words naming the variant (shown in errors and summaries)."""
         return self.name
 
     @abstractmethod
-    def encode(self, model: torch.nn.Module, x_B3HW: torch.Tensor) -> dict[str, np.ndarray]:
-        """Images in [0, 1] → one array (B, *shape) per layout column."""
+    def encode(self, model: torch.nn.Module, x_B3HW: torch.Tensor, bases: torch.Tensor | None = None
+               ) -> dict[str, np.ndarray]:
+        """Images in [0, 1] (and their bases (B, k, 3, H, W) when :meth:`factors` is k > 0) → one
+        array (B, *shape) per layout column."""
 
     @abstractmethod
-    def reconstruct(self, model: torch.nn.Module, x_B3rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction in [0, 1] at the input's resolution and the ids (B, …), grouped as
+    def reconstruct(self, model: torch.nn.Module, x_B3rr: torch.Tensor, bases: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction in [0, 1] at the input's resolution and the ids (B, L) in the order of
         :func:`usage_groups` of the layout (evaluation)."""
 
     def eval_resolutions(self, model_cfg) -> list[int]:
@@ -158,10 +168,11 @@ class GeneratorMethod(Method):
         """The model dataclass, sized from the tokens layout (not from the tokenizer checkpoint)."""
 
     @abstractmethod
-    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, cond_B: torch.Tensor
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, cond_B: torch.Tensor, tokenizer: torch.nn.Module
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of a batch (its forward runs through ``model``, which may be DDP-wrapped)
-        and per-part diagnostics."""
+        and per-part diagnostics. ``tokenizer``: the frozen tokenizer of the tokens, for methods
+        whose inputs are its reconstructions (CART, as VAR)."""
 
     @abstractmethod
     def sample(self, generator, tokenizer, classes_B: torch.Tensor, settings, seed: int,

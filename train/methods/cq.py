@@ -45,11 +45,11 @@ class CQ(TokenizerMethod):
         return f"{model_cfg.axis} VQ, K={model_cfg.codebook_size}"
 
     @torch.no_grad()
-    def encode(self, model, x_B3HW):
+    def encode(self, model, x_B3HW, bases=None):
         _, idx_BN, _ = model.encode(x_B3HW)
         return {"ids": idx_BN.to(torch.int32).reshape(len(x_B3HW), *model.cfg.token_shape).cpu().numpy()}
 
     @torch.no_grad()
-    def reconstruct(self, model, x_B3rr):
+    def reconstruct(self, model, x_B3rr, bases=None):
         recon, idx_BN, _ = model(x_B3rr)
         return recon.clamp(0, 1), idx_BN

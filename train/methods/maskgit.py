@@ -44,7 +44,7 @@ class MaskGIT(GeneratorMethod):
     def build(self, model_cfg: MaskGITConfig):
         return build_maskgit(model_cfg)
 
-    def loss(self, model, tokens, cond_B):
+    def loss(self, model, tokens, cond_B, tokenizer=None):
         from coarse2fine.train.masked import masked_loss
 
         cfg = unwrap(model).cfg

@@ -50,14 +50,14 @@ class SIT(TokenizerMethod):
         return "SIT" + suffix[(model_cfg.causal_encoder, model_cfg.causal_decoder)]
 
     @torch.no_grad()
-    def encode(self, model, x_B3HW):
+    def encode(self, model, x_B3HW, bases=None):
         _, idx_BSN, _ = model.encode(x_B3HW)
         g = model.cfg.grid
         ids = idx_BSN.to(torch.int32).reshape(len(x_B3HW), idx_BSN.shape[1], g, g).cpu().numpy()  # (B, S, g, g)
         return {c.name: ids[:, s] for s, c in enumerate(self.layout(model.cfg))}
 
     @torch.no_grad()
-    def reconstruct(self, model, x_B3rr):
+    def reconstruct(self, model, x_B3rr, bases=None):
         """A SIT-SC model (scale-causal encoder and decoder) encodes and decodes a low-resolution
         image natively with its first scales; any other model (the ViT-VQGAN baseline, dense SIT)
         gets the input upsampled (bilinear) to R and its output averaged back down, as the seed

@@ -147,7 +147,10 @@ class AttentionBlock(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (T, past + T) bool, True = may attend, replaces the token-causal rule (CART's
+        block-causal maps); with a cache it covers the cached keys and the new ones."""
         B, T, C = x_BTC.shape
         qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
@@ -156,12 +159,14 @@ class AttentionBlock(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:  # new queries at positions past..past+T-1 see keys 0..their own position
             pos_q = torch.arange(past, past + T, device=x_BTC.device)
-            mask = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            causal = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
         x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x_BTC + self.mlp(self.ln2(x_BTC))
 
