@@ -45,9 +45,11 @@ def test_encode_writes_the_declared_layout(name):
     method, model = tiny_tokenizer(name)
     layout = method.layout(model.cfg)
     x = torch.rand(3, 3, 32, 32)
-    cols = method.encode(model, x)
+    k = method.factors(model.cfg)  # Mumford–Shah bases the model takes beside the image (CART)
+    bases = (torch.rand(3, k, 3, 32, 32),) if k else ()
+    cols = method.encode(model, x, *bases)
     assert list(cols) == [c.name for c in layout]
-    _, idx, _ = model(x)
+    _, idx, _ = model(x, *bases)
     flat = np.concatenate([cols[c.name].reshape(3, -1) for c in layout], axis=1)
     np.testing.assert_array_equal(flat, idx.reshape(3, -1).numpy())
     for c in layout:
@@ -102,8 +104,9 @@ def test_checkpoint_records_the_method_and_reloads_the_same_model(name, tmp_path
     checkpoints.save_state(str(tmp_path), "tokenizer", name, model.cfg, {"model": model}, step=7)
     loaded_method, loaded = checkpoints.load_model(str(tmp_path), "cpu")
     assert loaded_method is method and loaded.cfg == model.cfg
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    k = method.factors(model.cfg)
+    x = (torch.rand(2, 3, 32, 32),) + ((torch.rand(2, k, 3, 32, 32),) if k else ())
+    torch.testing.assert_close(loaded(*x)[0], model(*x)[0])
     with pytest.raises(ValueError, match="holds a tokenizer, not a generator"):
         checkpoints.load_generator(str(tmp_path))
 

@@ -77,7 +77,7 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
 def group_ids(indices: torch.Tensor, groups: list[tuple[str, int, int]]) -> list[torch.Tensor]:
     """Token ids (B, …) → one (B, n_g) tensor per (name, vocabulary, tokens) group of the layout
     (``methods.base.usage_groups``), in sequence order."""
-    return list(indices.reshape(len(indices), -1).split([n for _, _, n in groups], dim=1))
+    return list(indices.reshape(len(indices), -1).split([n for _, _, n in groups], dim=1)) if groups else []
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
