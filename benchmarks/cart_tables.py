@@ -45,7 +45,7 @@ def mse_per_prefix(cfg, run_id: str) -> tuple[list[float], int]:
     x, _, keys = held_out(tags["c2f.images"], cfg.evaluate.max_samples, with_keys=True)
     k = method.factors(model.cfg)
     bases = load_bases(tags["c2f.decomposition"], keys, k) if k else None
-    _, ids_BL, _ = model(x, bases if bases is not None else x.new_zeros(len(x), 0, *x.shape[1:]))
+    _, ids_BL, _ = model(x, bases)
     out, t = [], 0
     for s in model.cfg.map_sizes:
         t += s

@@ -54,18 +54,10 @@ class CART(TokenizerMethod):
 
     @torch.no_grad()
     def encode(self, model, x_B3HW, bases=None):
-        _, ids, _ = model.encode(x_B3HW, self._bases(model, x_B3HW, bases))
+        _, ids, _ = model.encode(x_B3HW, bases)
         return {c.name: i.to(torch.int32).cpu().numpy() for c, i in zip(self.layout(model.cfg), ids)}
 
     @torch.no_grad()
     def reconstruct(self, model, x_B3rr, bases=None):
-        recon, ids_BL, _ = model(x_B3rr, self._bases(model, x_B3rr, bases))
+        recon, ids_BL, _ = model(x_B3rr, bases)
         return recon.clamp(0, 1), ids_BL
-
-    @staticmethod
-    def _bases(model, x_B3HW, bases):
-        """Order 0 needs no bases (an empty (B, 0, 3, H, W) stands in)."""
-        if bases is None:
-            assert model.cfg.order == 0, f"order {model.cfg.order} needs the images' Mumford–Shah bases"
-            return x_B3HW.new_zeros(len(x_B3HW), 0, *x_B3HW.shape[1:])
-        return bases.to(x_B3HW)

@@ -111,18 +111,19 @@ class CARTTokenizer(nn.Module):
         """Code vectors of a token map: (B, s, s) → (B, C, s, s)."""
         return self.quantizer.indices_to_codes(ids_Bss).permute(0, 3, 1, 2)
 
-    def features(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor | None) -> list[torch.Tensor]:
         """Quantization targets [f_{B_n}, f_{D_1}, …, f_{D_n}] (eqs. 11–12), one encoder pass over
-        I and every base."""
-        n = self.cfg.order
-        assert bases_Bn3HW.shape[1] >= n, f"order {n} needs {n} bases, got {bases_Bn3HW.shape[1]}"
-        B = len(x_B3HW)
-        stack = torch.cat([x_B3HW[:, None], bases_Bn3HW[:, :n]], dim=1)  # (B, 1+n, 3, H, W): B_0 = I … B_n
+        I and every base (order 0 takes no bases: ``None``)."""
+        n, B = self.cfg.order, len(x_B3HW)
+        if n == 0:
+            return [self.encoder(x_B3HW * 2 - 1)]
+        assert bases_Bn3HW is not None and bases_Bn3HW.shape[1] >= n, f"order {n} needs the images' {n} bases"
+        stack = torch.cat([x_B3HW[:, None], bases_Bn3HW[:, :n].to(x_B3HW)], dim=1)  # (B, 1+n, 3, H, W): I, B_1 … B_n
         f = self.encoder(stack.flatten(0, 1) * 2 - 1)  # ((1+n)·B, C, h, w)
         f = f.view(B, n + 1, *f.shape[1:])  # (B, 1+n, C, h, w)
         return [f[:, n]] + [f[:, k - 1] - f[:, k] for k in range(1, n + 1)]
 
-    def encode(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor):
+    def encode(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor | None = None):
         """Algorithm 1: (f̂ (B, C, h, w) with the straight-through gradient onto f_I, ids of every
         map, VQ loss)."""
         assert x_B3HW.shape[-1] == self.cfg.resolution, f"expects {self.cfg.resolution}px images"
@@ -181,7 +182,7 @@ class CARTTokenizer(nn.Module):
         """Algorithm 2 from a flat sequence (all maps, or the first maps only: a coarser image)."""
         return self.decode(self.features_of_maps(self.split(ids_BL)))
 
-    def forward(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor):
+    def forward(self, x_B3HW: torch.Tensor, bases_Bn3HW: torch.Tensor | None = None):
         """The tokenizer contract: (reconstruction, ids (B, L) in sequence order, {"aux": VQ loss})."""
         f_hat, ids, loss = self.encode(x_B3HW, bases_Bn3HW)
         return self.decode(f_hat), torch.cat([i.flatten(1) for i in ids], dim=1), {"aux": loss}
