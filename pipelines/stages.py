@@ -74,12 +74,12 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
     """Beam job: the ``tokens/{fingerprint}`` dataset of a trained tokenizer run, in the layout its
     method declares (recorded in the manifest, ``config.layout``)."""
     from coarse2fine.train import checkpoints, tokenize as tok
-    from coarse2fine.train.data import decomposition_columns, load_split
+    from coarse2fine.train.data import decomposition_columns
 
     tags = runs.finished_run(cfg.tracking, run_id)
     ckpt, images_uri = tags[runs.CHECKPOINT_TAG], tags["c2f.images"]
     method, model = checkpoints.load_model(ckpt, "cpu", "tokenizer")
-    layout = method.calibrate(model, method.layout(model.cfg), load_split(images_uri, "train"))
+    layout = method.calibrate(model, method.layout(model.cfg), images_uri)
     k = method.factors(model.cfg)
     result = run_image_stage(
         "tokens", images_uri, cfg.preprocess, cfg.storage,

@@ -186,13 +186,13 @@ def test_kl_tokenizer_layout_calibration_and_round_trip():
     assert [(c.name, c.shape, c.dtype, c.role) for c in layout] == [("mean", (4, 4, 4), "float16", "latent"),
                                                                     ("logvar", (4, 4, 4), "float16", "latent")]
     x = torch.rand(6, 3, 32, 32)
-    torch.manual_seed(5)
-    cal = kl.calibrate(model, layout, x)
+    scale = kl.latent_scale(model, x)
+    assert scale == kl.latent_scale(model, x)  # seeded: the tokens fingerprint holds it
     mean, logvar = model.encode(x)
-    torch.manual_seed(5)
-    z_std = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()).std().item()
-    assert cal[0].scale == cal[1].scale == pytest.approx(1 / z_std, rel=1e-4)
+    z_std = torch.stack([(mean + torch.randn_like(mean) * (0.5 * logvar).exp()).std() for _ in range(50)]).mean()
+    assert scale == pytest.approx(1 / z_std.item(), rel=0.05)
     cols = kl.encode(model, x)
+    assert layout[0].scale == 1.0  # until the tokens stage calibrates it on the training images
     np.testing.assert_allclose(cols["mean"], mean.detach().numpy(), atol=2e-3, rtol=2e-3)
     recon, _ = kl.reconstruct(model, x)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from coarse2fine.preprocess.schema import TokenColumn
+from coarse2fine.train.data import load_split
 from coarse2fine.train.methods.base import TokenizerMethod, params_section
 from coarse2fine.train.methods.cq import CONV_CODE
 from coarse2fine.train.models.kl_ae import KLConfig, build_kl
@@ -46,10 +47,16 @@ class KL(TokenizerMethod):
         return f"continuous {'×'.join(map(str, model_cfg.latent_shape))} latents"
 
     @torch.no_grad()
-    def calibrate(self, model, layout: list[TokenColumn], x_B3HW: torch.Tensor) -> list[TokenColumn]:
-        mean, logvar = model.encode(x_B3HW[:CALIBRATION_IMAGES])
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        return [replace(c, scale=float(1 / z.std())) for c in layout]
+    def calibrate(self, model, layout: list[TokenColumn], images_uri: str) -> list[TokenColumn]:
+        return [replace(c, scale=self.latent_scale(model, load_split(images_uri, "train", limit=CALIBRATION_IMAGES)))
+                for c in layout]
+
+    @torch.no_grad()
+    def latent_scale(self, model, x_B3HW: torch.Tensor) -> float:
+        """1 / std of posterior samples of ``x_B3HW`` (seeded: the same images give the same scale)."""
+        mean, logvar = model.encode(x_B3HW.to(next(model.parameters()).device))
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean)
+        return float(1 / (mean + noise * (0.5 * logvar).exp()).std())
 
     @torch.no_grad()
     def encode(self, model, x_B3HW, bases=None):
