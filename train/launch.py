@@ -92,13 +92,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(tcfg.torch_threads)
     stateful, extras = _trainables(task, tcfg)
     model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
-    start = 0
+    start, state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as d:
-            start = checkpoints.resume(stateful, checkpoints.read_state(d, device))
+            state = checkpoints.read_state(d, device)
+    on_disk = checkpoints.newest_state(cfg["run_uri"], device)
+    if on_disk is not None and (state is None or on_disk["step"] > state["step"]):
+        state = on_disk  # Ray's list lags behind the disk after a kill
+    if state is not None:
+        start = checkpoints.resume(stateful, state)
     elif cfg.get("init_checkpoint"):
         checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], device)
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
+    pending: list[tuple[dict, int]] = []  # metrics go to the logger when their checkpoint is saved
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
     for step in range(start, stop):
@@ -107,7 +113,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         done = step + 1
         if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
-            logger.log_metrics(metrics | ({"rows_per_worker": n} if step == start else {}), step)
+            pending.append((metrics | ({"rows_per_worker": n} if step == start else {}), step))
         if logger and (done % tcfg.sample_every == 0 or done == stop):
             logger.log_images(*task.preview(unwrap(model), idx, device), step)
         if done % tcfg.checkpoint_every == 0 or done == stop:
@@ -117,6 +123,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     checkpoints.save_state(tmp, task.method.kind, task.method.name, task.model_cfg, stateful, done)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": done}, checkpoint=ckpt)
+            for m, at in pending:  # after the checkpoint: a resumed run logs each step once
+                logger.log_metrics(m, at)
+            pending.clear()
 
 
 def fit(
@@ -156,7 +165,7 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after,
-                           "init_checkpoint": init_checkpoint},
+                           "init_checkpoint": init_checkpoint, "run_uri": schema.join(checkpoints_root, run_name)},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
