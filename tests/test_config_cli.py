@@ -54,6 +54,18 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "data.source does not exist" in err and "incomplete" in err
 
 
+def test_usage_errors_are_one_line_exit_2_and_version_prints(tmp_path, capsys):
+    """Typos, missing options and missing files are usage errors (exit 2, no traceback) whichever
+    click typer uses; --version prints the package version."""
+    assert main(["generat"]) == 2
+    assert main(["generate"]) == 2  # --run is required
+    assert main(["upsample", "--run", "x", "--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No such command 'generat'" in err and "--run" in err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("coarse2fine ")
+
+
 def test_a_programming_error_is_not_reported_as_a_user_error(monkeypatch, capsys):
     """A bug (a plain ValueError deep in a stage) keeps its traceback; a user error is one line."""
     from coarse2fine.pipelines import stages
