@@ -25,7 +25,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 TRAIN_STEPS = 1000  # MAR's diffusion steps in training
 FREQ_DIM = 256  # MAR's TimestepEmbedder frequency_embedding_size
