@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import demo_config
 from coarse2fine.pipelines import stages
-from coarse2fine.pipelines.config import load_config
-from coarse2fine.preprocess.demo_data import write_demo_folder
-from coarse2fine.preprocess.storage import url_to_fs
 
-CONFIG = "configs/demo.yaml"
 TOKENIZERS = {
     "continuous (kl, 8×8×16)": ["tokenizer.method=kl"],
     "discrete (VQ, 8×8, dim 16, K=512)": ["tokenizer.method=vqgan", "tokenizer.vqgan.z_channels=16"],
@@ -38,13 +35,10 @@ def main() -> None:
     base = [f"tracking.experiment={args.experiment}", f"tokenizer.train.max_steps={args.steps}",
             f"generator.train.max_steps={args.gen_steps}", f"generator.mar.size={args.gen_size}",
             f"generator.far.size={args.gen_size}"]
-    cfg = load_config(CONFIG, base)
-    fs, path = url_to_fs(cfg.data.source)
-    if not (fs.exists(path) and fs.ls(path)):
-        write_demo_folder(cfg.data.source, 200, cfg.data.resolution)
+    cfg = demo_config(base)
     recon, kl_run = [], None
     for name, overrides in TOKENIZERS.items():
-        cfg = load_config(CONFIG, base + overrides)
+        cfg = demo_config(base + overrides)
         t = time.perf_counter()
         ref = stages.train_tokenizer(cfg)
         seconds = time.perf_counter() - t
@@ -54,7 +48,7 @@ def main() -> None:
     tokens = stages.tokenize(kl_cfg, kl_run).uris["tokens"]
     gens = []
     for method in ("far", "mar"):
-        cfg = load_config(CONFIG, base + TOKENIZERS["continuous (kl, 8×8×16)"] + [f"generator.method={method}"])
+        cfg = demo_config(base + TOKENIZERS["continuous (kl, 8×8×16)"] + [f"generator.method={method}"])
         t = time.perf_counter()
         gen = stages.train_generator(cfg, tokenizer_run=kl_run, tokens_uri=tokens)
         seconds = time.perf_counter() - t

@@ -11,14 +11,12 @@ perceptual and adversarial terms: see ``train/methods/kl.py``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.conv_ae import Decoder, Encoder
-from coarse2fine.train.models.conv_vq import CH_MULT, CONV_SIZES
+from coarse2fine.train.models.conv_ae import build_pair, check_shape
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
@@ -32,13 +30,7 @@ class KLConfig:
     kl_weight: float = 1e-6  # LDM's kl_weight
 
     def __post_init__(self) -> None:
-        if self.size not in CONV_SIZES:
-            raise ValueError(f"unknown conv size {self.size!r}; choose from {sorted(CONV_SIZES)}")
-        levels = int(math.log2(self.downsample)) + 1
-        if 2 ** (levels - 1) != self.downsample or levels > len(CH_MULT):
-            raise ValueError(f"downsample must be a power of two up to {2 ** (len(CH_MULT) - 1)}, got {self.downsample}")
-        if self.resolution % self.downsample:
-            raise ValueError(f"resolution {self.resolution} is not divisible by downsample {self.downsample}")
+        check_shape(self.size, self.downsample, self.resolution)
         if self.z_channels < 1 or self.kl_weight < 0:
             raise ValueError("z_channels must be >= 1 and kl_weight >= 0")
 
@@ -55,10 +47,7 @@ class KLAutoencoder(nn.Module):
     def __init__(self, cfg: KLConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        size = CONV_SIZES[cfg.size]
-        ch_mult = CH_MULT[: int(math.log2(cfg.downsample)) + 1]
-        self.encoder = Encoder(size["ch"], ch_mult, size["res_blocks"], 2 * cfg.z_channels)
-        self.decoder = Decoder(size["ch"], ch_mult, size["res_blocks"], cfg.z_channels)
+        self.encoder, self.decoder = build_pair(cfg.size, cfg.downsample, 2 * cfg.z_channels, cfg.z_channels)
 
     def encode(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1] → posterior mean and log-variance, each (B, C, h, w)."""
