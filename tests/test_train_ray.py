@@ -74,6 +74,9 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
     assert second.steps == 8
     full, resumed = losses(tracking, full_id), losses(tracking, part_id)
     assert sorted(resumed) == list(range(8))  # no restart from 0, no skipped step
+    import json
+    progress = json.loads((tmp_path / "checkpoints" / "resumed" / "progress.json").read_text())
+    assert progress["step"] == progress["total"] == 8 and progress["images_per_s"] > 0
     for step in range(8):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), step
     # the reconstruction grid went to MLflow, and the checkpoint loads as a model

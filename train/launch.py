@@ -14,9 +14,12 @@ an MLflow logger, so this module never imports MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,6 +47,48 @@ class FitResult:
     checkpoint_uri: str
     steps: int
     metrics: dict[str, float]
+
+
+PROGRESS_FILE = "progress.json"  # rank 0's latest step, beside the run's checkpoints
+PROGRESS_POLL_S = 5.0  # how often the driver prints it
+
+
+def write_progress(run_uri: str, step: int, total: int, loss: float, images_per_s: float) -> None:
+    """Rank 0's progress for the driver's console (any fsspec URI: the workers may be remote)."""
+    fs, path = schema.url_to_fs(run_uri)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{PROGRESS_FILE}", "w") as f:
+        json.dump({"step": step, "total": total, "loss": loss, "images_per_s": images_per_s}, f)
+
+
+def progress_line(name: str, p: dict) -> str:
+    """``name: step 120/1000 · loss 0.0312 · 14.2 img/s · ETA 1m02s``."""
+    left = (p["total"] - p["step"]) * p.get("seconds_per_step", 0.0)
+    eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s" if p.get("seconds_per_step") else ""
+    return (f"{name}: step {p['step']}/{p['total']} · loss {p['loss']:.4g} · {p['images_per_s']:.1f} img/s{eta}")
+
+
+class _Progress(threading.Thread):
+    """Driver thread: prints rank 0's progress file when it changes (Ray runs with worker logs off)."""
+
+    def __init__(self, run_uri: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.run_uri, self.name, self.done = run_uri, name, threading.Event()
+
+    def run(self) -> None:
+        seen, last_t = None, time.monotonic()
+        fs, path = schema.url_to_fs(self.run_uri)
+        while not self.done.wait(PROGRESS_POLL_S):
+            try:
+                with fs.open(f"{path}/{PROGRESS_FILE}") as f:
+                    p = json.load(f)
+            except (OSError, ValueError):  # not written yet, or being rewritten
+                continue
+            if seen is not None and p["step"] > seen:
+                p["seconds_per_step"] = (time.monotonic() - last_t) / (p["step"] - seen)
+            if p["step"] != seen:
+                log.info(progress_line(self.name, p))
+                seen, last_t = p["step"], time.monotonic()
 
 
 def _read_rows(task: Task) -> dict[str, list]:
@@ -107,13 +152,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     pending: list[tuple[dict, int]] = []  # metrics go to the logger when their checkpoint is saved
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
+    tick = time.perf_counter()
     for step in range(start, stop):
         idx = data.batch_indices(step, n, tcfg.batch_size, tcfg.seed, rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         done = step + 1
-        if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
-            pending.append((metrics | ({"rows_per_worker": n} if step == start else {}), step))
+        if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
+            if logger:
+                pending.append((metrics | ({"rows_per_worker": n} if step == start else {}), step))
+            rate = tcfg.batch_size * world * (done - start) / max(time.perf_counter() - tick, 1e-9)
+            write_progress(cfg["run_uri"], done, tcfg.max_steps, metrics["loss"], rate)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
             logger.log_images(*task.preview(unwrap(model), idx, device), step)
         if done % tcfg.checkpoint_every == 0 or done == stop:
@@ -175,7 +224,12 @@ def fit(
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every rank sees all rows, shards by key
     )
-    result = trainer.fit()
+    progress = _Progress(schema.join(checkpoints_root, run_name), f"{task.method.kind} {task.method.name}")
+    progress.start()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.done.set()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     path = result.checkpoint.path
