@@ -21,14 +21,11 @@ import time
 import torch
 
 from coarse2fine.evaluate.tokenizer_eval import held_out
+from common import demo_config
 from coarse2fine.pipelines import runs, stages
-from coarse2fine.pipelines.config import load_config
-from coarse2fine.preprocess.demo_data import write_demo_folder
-from coarse2fine.preprocess.storage import url_to_fs
 from coarse2fine.train.checkpoints import load_model
 from coarse2fine.train.data import load_bases
 
-CONFIG = "configs/demo.yaml"
 VARIANTS = {  # M = 10 maps each, 347 or 640 tokens
     "vanilla residual (10 × 8²)": ["tokenizer.cart.order=0", "tokenizer.cart.base_scales=[8,8,8,8,8,8,8,8,8,8]"],
     "multi-scale, order 0 (1…8, 3 × 8²)": ["tokenizer.cart.order=0",
@@ -63,13 +60,10 @@ def main() -> None:
     base = [f"tracking.experiment={args.experiment}", f"tokenizer.train.max_steps={args.steps}",
             "tokenizer.method=cart", "generator.method=cart", f"generator.cart.size={args.gen_size}",
             f"generator.train.max_steps={args.gen_steps}"]
-    cfg = load_config(CONFIG, base)
-    fs, path = url_to_fs(cfg.data.source)
-    if not (fs.exists(path) and fs.ls(path)):
-        write_demo_folder(cfg.data.source, 200, cfg.data.resolution)
+    cfg = demo_config(base)
     curves, gens = {}, []
     for name, overrides in VARIANTS.items():
-        cfg = load_config(CONFIG, base + overrides)
+        cfg = demo_config(base + overrides)
         t = time.perf_counter()
         ref = stages.train_tokenizer(cfg)
         seconds = time.perf_counter() - t

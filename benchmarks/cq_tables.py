@@ -17,13 +17,10 @@ import time
 
 import numpy as np
 
+from common import demo_config
 from coarse2fine.pipelines import stages
-from coarse2fine.pipelines.config import load_config
 from coarse2fine.preprocess import schema
-from coarse2fine.preprocess.demo_data import write_demo_folder
-from coarse2fine.preprocess.storage import url_to_fs
 
-CONFIG = "configs/demo.yaml"
 
 
 def token_stats(tokens_uri: str, vocab: int) -> dict[str, float]:
@@ -43,10 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     base = [f"tracking.experiment={args.experiment}", f"tokenizer.train.max_steps={args.steps}",
             f"tokenizer.cq.size={args.size}", f"tokenizer.vqgan.size={args.size}"]
-    cfg = load_config(CONFIG, base)
-    fs, path = url_to_fs(cfg.data.source)
-    if not (fs.exists(path) and fs.ls(path)):
-        write_demo_folder(cfg.data.source, 200, cfg.data.resolution)
+    cfg = demo_config(base)
     variants = {
         "CQ (channel), K=512": ["tokenizer.method=cq"],
         "spatial VQ, dim 64, K=512": ["tokenizer.method=vqgan"],
@@ -55,7 +49,7 @@ def main() -> None:
     }
     rows, cq_run = [], None
     for name, overrides in variants.items():
-        cfg = load_config(CONFIG, base + overrides)
+        cfg = demo_config(base + overrides)
         t = time.perf_counter()
         ref = stages.train_tokenizer(cfg)
         seconds = time.perf_counter() - t
@@ -72,7 +66,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['tokenizer']} | {r['usage']:.1%} | {r['unique_ratio']:.3f} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
               f"{r['rfid']:.1f} ({r['n']}) | {r['train_s']:.0f} | {r['run'][:8]} |")
-    gen_cfg = load_config(CONFIG, base + variants["CQ (channel), K=512"] + [
+    gen_cfg = demo_config(base + variants["CQ (channel), K=512"] + [
         "generator.method=maskgit", f"generator.maskgit.size={args.gen_size}",
         f"generator.train.max_steps={args.gen_steps}"])
     gen = stages.train_generator(gen_cfg, tokenizer_run=cq_run, tokens_uri=cq_tokens)

@@ -33,6 +33,24 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+# Usage errors from click itself and from the click that newer typer releases bundle (typer._click).
+USAGE_ERRORS = (click.ClickException, typer.TyperException)
+EXITS = (click.exceptions.Exit, typer.Exit)
+ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"coarse2fine {version('coarse2fine')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """coarse2fine's command line."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml); repeat to "
                          "layer an overlay such as infra/beam/dataflow.yaml on top.")
@@ -401,12 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call at INFO
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except EXITS as e:
         return e.exit_code
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         return 2
-    except click.exceptions.Abort:
+    except ABORTS:
         console.print("aborted")
         return 130
     except (UserError, FileNotFoundError) as e:

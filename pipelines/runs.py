@@ -86,6 +86,8 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
         run_id = run.info.run_id
         log.info("train-%s: resuming run %s from its last checkpoint", kind, run_id)
     client = mlflow.MlflowClient()
+    log.info("train-%s: %s run %s (%s) — watch it with: mlflow ui --backend-store-uri %s", kind, method, run_id,
+             run_name, tracking_cfg.uri)
     try:
         fit = fit_fn(MlflowLogger(tracking_cfg, run_id), run_name, init.data.tags[CHECKPOINT_TAG] if init else None)
     except BaseException:

@@ -79,7 +79,7 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
     tags = runs.finished_run(cfg.tracking, run_id)
     ckpt, images_uri = tags[runs.CHECKPOINT_TAG], tags["c2f.images"]
     method, model = checkpoints.load_model(ckpt, "cpu", "tokenizer")
-    layout = method.layout(model.cfg)
+    layout = method.calibrate(model, method.layout(model.cfg), images_uri)
     k = method.factors(model.cfg)
     result = run_image_stage(
         "tokens", images_uri, cfg.preprocess, cfg.storage,

@@ -27,6 +27,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from coarse2fine.preprocess import carry_over, dwt, images, mumford_shah, schema, sources, storage
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.preprocess.config import (
     DataConfig,
     PreprocessConfig,
@@ -134,15 +135,17 @@ class _Normalise(beam.DoFn):
         self.data = data
 
     def process(self, item):
-        source_uri, label, payload = item
+        source_uri, label, payload, from_file = item
         try:
-            raw = sources.read_file(source_uri) if payload is None else payload
-            norm = images.normalise_image(raw, self.data.resolution, self.data.min_size)
+            raw = sources.read_file(source_uri) if from_file else payload
+            if raw is None:
+                raise images.RejectedImage("NullImage", f"the {self.data.image_column!r} cell is null")
+            norm = images.normalise_image(raw, self.data.resolution, self.data.min_size, self.data.max_pixels)
         except images.RejectedImage as e:
             yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, e.error, e.detail))
             return
-        except OSError as e:  # unreadable file
-            yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, type(e).__name__, str(e)))
+        except Exception as e:  # noqa: BLE001 — per-input isolation: one input never stops the run
+            yield beam.pvalue.TaggedOutput("rejected", _rejected(source_uri, type(e).__name__, str(e)[:500]))
             return
         row = {
             "key": norm.key,
@@ -179,6 +182,9 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     """
     t0 = time.perf_counter()
     listing = sources.list_source(data)
+    if listing.num_inputs == 0:
+        raise UserValueError(f"data.source {data.source} holds no inputs ({listing.skipped} hidden files skipped): "
+                             "point it at a folder of images or a Parquet file/folder")
     config = data.model_dump() | {"listing": listing.signature()}
     code = storage.code_version(images, schema, storage, sources, carry_over, sys.modules[__name__])
     fp = storage.fingerprint("ingest", config, [], code)
@@ -206,13 +212,13 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     p = make_pipeline(pre)
     if listing.kind == "files":
         items = p | "ListFiles" >> beam.Create(
-            [(uri, listing.labels[uri], None) for uri, _ in entries], reshuffle=True
+            [(uri, listing.labels[uri], None, True) for uri, _ in entries], reshuffle=True
         )
     else:
         items = (
             p
             | "ListParquet" >> beam.Create([uri for uri, _ in entries])
-            | "ReadRows" >> beam.FlatMap(sources.parquet_rows, data)
+            | "ReadRows" >> beam.FlatMap(sources.parquet_rows, data, listing.classes)
         )
     out = items | "Normalise" >> beam.ParDo(_Normalise(data)).with_outputs("rejected", main="ok")
     (
@@ -236,6 +242,7 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     rej_shards = storage.list_shards(rejected_uri, run_id)
     img_shards = storage.list_shards(images_uri, run_id)
     counts = {
+        "skipped": listing.skipped,  # hidden files, not inputs
         "inputs": listing.num_inputs,
         "images": old_counts["images"] + sum(s["rows"] for s in img_shards),
         "duplicates": old_counts["duplicates"] + _counter(result, "duplicates"),

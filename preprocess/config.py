@@ -38,6 +38,8 @@ class DataConfig(Section):
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     label_from: str = "folder"
     image_column: str = "image"
+    max_pixels: int = Field(89_478_485, ge=1, description="inputs with more pixels are rejected before decoding "
+                            "(Pillow's decompression-bomb threshold)")
 
     _abs_source = field_validator("source")(lambda v: absolute_local(v))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold (89.5 M pixels)
 
 class RejectedImage(Exception):
     """An input that cannot be used; ``error`` is a short class name, ``detail`` the reason."""
@@ -40,6 +40,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit / 32-bit grey: Pillow's convert("L") clips instead of scaling.
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise RejectedImage("NonFinitePixels", f"{int((~np.isfinite(a)).sum())} NaN or infinite pixel values")
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         if img.mode == "F":
             top = max(float(a.max()), 1.0) if a.max() > 1.0 else 1.0
@@ -55,20 +57,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def normalise_image(data: bytes, resolution: int, min_size: int) -> NormalisedImage:
-    """Decode ``data`` and return the normalised PNG, its content key and the source size."""
+def normalise_image(data: bytes, resolution: int, min_size: int, max_pixels: int = MAX_PIXELS) -> NormalisedImage:
+    """Decode ``data`` and return the normalised PNG, its content key and the source size; an
+    image of more than ``max_pixels`` is rejected from its header, before decoding."""
     if not data:
         raise RejectedImage("EmptyFile", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            if img.size[0] * img.size[1] > max_pixels:
+                raise RejectedImage("DecompressionBomb", f"{img.size[0]}x{img.size[1]} pixels exceed data.max_pixels "
+                                                         f"= {max_pixels}")
             img.load()  # decode now: truncated data raises here, not later
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError as e:
         head = data[:8]
         raise RejectedImage("UnidentifiedImageError", f"not a decodable image ({len(data)} bytes, starting {head!r})") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # Pillow's own header check
+        raise RejectedImage("DecompressionBomb", str(e)) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise RejectedImage(type(e).__name__, str(e)) from e
     width, height = img.size
     if min(width, height) < min_size:

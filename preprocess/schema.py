@@ -111,6 +111,7 @@ class TokenColumn:
     vocab: int
     role: str
     code_dim: int = 0  # dimension of the code vectors behind the ids, when a generator embeds them (CART, as VAR)
+    scale: float = 1.0  # latents: the factor that brings posterior samples to unit scale (MAR's 0.2325)
 
     def __post_init__(self) -> None:
         assert self.role in TOKEN_ROLES, f"unknown token role {self.role!r}"

@@ -51,6 +51,29 @@ def palette_with_transparency() -> bytes:
     return _png(img, transparency=0)  # index 0 (red) fully transparent -> white
 
 
+def header_bomb(side: int = 30000) -> bytes:
+    """A small PNG whose header claims side × side pixels (a decompression bomb: the decoder would
+    allocate gigabytes); only the header is valid."""
+    import struct
+    import zlib
+
+    png = bytearray(_png(gradient_rgb(8, 8)))
+    ihdr = png[12:29]  # b"IHDR" + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", side, side)
+    png[12:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(png)
+
+
+def nan_tiff() -> bytes:
+    a = np.linspace(0, 1, 40 * 40, dtype=np.float32).reshape(40, 40)
+    a[5:9, 5:9] = np.nan
+    a[0, 0] = np.inf
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 def cases() -> dict[str, tuple[bytes, str | None]]:
     """name -> (file bytes, expected rejection error or None when it must be converted)."""
     good = _png(gradient_rgb())
@@ -65,12 +88,15 @@ def cases() -> dict[str, tuple[bytes, str | None]]:
         "palette_alpha.png": (palette_with_transparency(), None),
         "exif_rotated.jpg": (exif_rotated_jpeg(), None),
         "grey.png": (_png(gradient_rgb().convert("L")), None),
+        "bomb.png": (header_bomb(), "DecompressionBomb"),
+        "nan.tiff": (nan_tiff(), "NonFinitePixels"),
+        "_DSC0001.png": (_png(gradient_rgb(44, 40)), None),  # camera names start with "_": read
     }
 
 
 def write_cases(folder: Path) -> dict[str, tuple[bytes, str | None]]:
     folder.mkdir(parents=True, exist_ok=True)
-    c = cases()
+    c = cases() | {"a::b.png": (_png(gradient_rgb(40, 44)), None)}  # a legal name, not a chained URL
     for name, (data, _) in c.items():
         (folder / name).write_bytes(data)
     return c

@@ -54,6 +54,26 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "data.source does not exist" in err and "incomplete" in err
 
 
+def test_usage_errors_are_one_line_exit_2_and_version_prints(tmp_path, capsys):
+    """Typos, missing options and missing files are usage errors (exit 2, no traceback) whichever
+    click typer uses; --version prints the package version."""
+    assert main(["generat"]) == 2
+    assert main(["generate"]) == 2  # --run is required
+    assert main(["upsample", "--run", "x", "--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No such command 'generat'" in err and "--run" in err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("coarse2fine ")
+
+
+def test_training_progress_line():
+    from coarse2fine.train.launch import progress_line
+
+    p = {"step": 120, "total": 1000, "loss": 0.03121, "images_per_s": 14.25}
+    assert progress_line("tokenizer sit", p) == "tokenizer sit: step 120/1000 · loss 0.03121 · 14.2 img/s"
+    assert progress_line("x", p | {"seconds_per_step": 0.5}).endswith("· ETA 7m20s")  # 880 steps × 0.5 s
+
+
 def test_a_programming_error_is_not_reported_as_a_user_error(monkeypatch, capsys):
     """A bug (a plain ValueError deep in a stage) keeps its traceback; a user error is one line."""
     from coarse2fine.pipelines import stages

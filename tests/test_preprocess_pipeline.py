@@ -52,7 +52,8 @@ def test_counts_reconcile_and_rejections_have_reasons(run, source):
     counts = manifest(ing.uris["images"])["counts"]
     n_files = sum(1 for p in source[0].rglob("*") if p.is_file())
     n_bad = sum(1 for _, err in bad.values() if err)
-    assert counts == {"inputs": n_files, "images": n_files - 1 - n_bad, "duplicates": 1, "rejected": n_bad}
+    assert counts == {"inputs": n_files, "images": n_files - 1 - n_bad, "duplicates": 1, "rejected": n_bad,
+                      "skipped": 0}
     assert manifest(ing.uris["rejected"])["counts"] == counts
     rejected = storage.read_table(ing.uris["rejected"]).to_pylist()
     by_name = {Path(r["source_uri"]).name: r for r in rejected}
@@ -169,6 +170,50 @@ def test_parquet_source_with_label_column(run, tmp_path):
     assert all("a.parquet#row=" in u for u in t.column("source_uri").to_pylist())
 
 
+def test_parquet_class_names_null_cells_and_wrong_types(run, tmp_path):
+    """String labels are class names (sorted, label = index); a null image cell is rejected with
+    its reason; a wrong-typed column is one line before any Beam work."""
+    from coarse2fine.preprocess.errors import UserValueError
+
+    _, (ing, _, _), _ = run
+    imgs = storage.read_table(ing.uris["images"]).slice(0, 3).column("image").to_pylist()
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"image": imgs + [None], "cls": ["dog", "cat", "dog", "cat"]}), src / "a.parquet")
+    (src / "_SUCCESS").write_bytes(b"")  # a Spark side file is not an input
+    data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
+    ing2, _, _ = preprocess_all(data.model_copy(update={"label_from": "cls"}), pre, store)
+    m = manifest(ing2.uris["images"])
+    assert m["classes"] == ["cat", "dog"] and m["counts"]["rejected"] == 1 and m["counts"]["inputs"] == 4
+    labels = dict(zip(*(storage.read_table(ing2.uris["images"]).column(c).to_pylist() for c in ("source_uri", "label"))))
+    assert [labels[f"{src}/a.parquet#row={i}"] for i in range(3)] == [1, 0, 1]
+    assert storage.read_table(ing2.uris["rejected"]).column("error").to_pylist() == ["NullImage"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"image": [1, 2], "cls": [0.5, 1.5]}), bad / "b.parquet")
+    data, pre, store = tiny_configs(str(bad), str(tmp_path / "store"))
+    with pytest.raises(UserValueError, match="column 'image' .* holds int64, not image bytes"):
+        preprocess_all(data, pre, store)
+    pq.write_table(pa.table({"image": imgs[:2], "cls": [0.5, 1.5]}), bad / "b.parquet")
+    with pytest.raises(UserValueError, match="label column 'cls' holds double"):
+        preprocess_all(data.model_copy(update={"label_from": "cls"}), pre, store)
+
+
+def test_empty_source_is_one_line_and_hidden_files_are_counted(tmp_path):
+    from coarse2fine.preprocess.errors import UserValueError
+    from coarse2fine.preprocess.sources import list_source
+
+    src = tmp_path / "src"
+    (src / ".thumbs").mkdir(parents=True)
+    (src / ".DS_Store").write_bytes(b"x")
+    (src / ".thumbs" / "a.png").write_bytes(b"x")
+    data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
+    with pytest.raises(UserValueError, match=r"holds no inputs \(2 hidden files skipped\)"):
+        preprocess_all(data, pre, store)
+    (src / "img.png").write_bytes(b"not really")
+    assert list_source(data).skipped == 2 and list_source(data).num_inputs == 1
+
+
 def test_two_beam_workers_give_the_same_datasets(run, tmp_path):
     (data, pre, _), results, _ = run
     _, pre2, store2 = tiny_configs(data.source, str(tmp_path / "store2"), num_workers=2)
@@ -205,7 +250,7 @@ def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
     second = ingest(data, pre, store)
     m = manifest(second.uris["images"])
     assert m["inputs"]["carried_over_from"] == first.uris["images"]
-    assert m["counts"] == {"inputs": len(files) + 1, "images": len(files), "duplicates": 1, "rejected": 0}
+    assert m["counts"] == {"inputs": len(files) + 1, "images": len(files), "duplicates": 1, "rejected": 0, "skipped": 0}
     keys = storage.read_table(second.uris["images"]).column("key").to_pylist()
     assert set(storage.read_table(first.uris["images"]).column("key").to_pylist()) < set(keys)
     assert len(keys) == len(set(keys)) == len(files)

@@ -74,6 +74,9 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
     assert second.steps == 8
     full, resumed = losses(tracking, full_id), losses(tracking, part_id)
     assert sorted(resumed) == list(range(8))  # no restart from 0, no skipped step
+    import json
+    progress = json.loads((tmp_path / "checkpoints" / "resumed" / "progress.json").read_text())
+    assert progress["step"] == progress["total"] == 8 and progress["images_per_s"] > 0
     for step in range(8):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), step
     # the reconstruction grid went to MLflow, and the checkpoint loads as a model
@@ -82,6 +85,37 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
     model = load_tokenizer(second.checkpoint_uri)
     recon, idx, _ = model(torch.rand(1, 3, 32, 32))
     assert recon.shape == (1, 3, 32, 32) and idx.shape == (1, 3, 4)
+
+
+def test_resume_takes_the_newest_checkpoint_on_disk_and_logs_each_step_once(ray_session, images_uri, tmp_path):
+    """Ray's checkpoint list can lag behind the disk after a kill -9 (here: its snapshot is gone
+    and a later, unlisted checkpoint is on disk): the run resumes from the newest complete
+    checkpoint, and metrics logged after the last checkpoint of the first run are not doubled."""
+    import shutil
+    from pathlib import Path
+
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t")
+    ckpts = tmp_path / "checkpoints"
+    full_id = new_run(tracking, "full")
+    fit_tokenizer(images_uri, tok_cfg(), 32, str(ckpts), "full", logger=MlflowLogger(tracking, full_id))
+    run_id = new_run(tracking, "killed")
+    fit_tokenizer(images_uri, tok_cfg(), 32, str(ckpts), "killed", stop_after=6, logger=MlflowLogger(tracking, run_id))
+    run_dir = Path(ckpts / "killed")
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()  # Ray no longer lists any checkpoint
+    folders = sorted(run_dir.glob("checkpoint_*"))
+    broken = run_dir / "checkpoint_9999-99-99_99-99-99.000000"  # a newer folder cut mid-write
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"truncated")
+    assert len(folders) == 2  # steps 4 and 6 kept
+    second = fit_tokenizer(images_uri, tok_cfg(), 32, str(ckpts), "killed", logger=MlflowLogger(tracking, run_id))
+    assert second.steps == 8
+    configure(tracking)
+    history = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")]
+    assert sorted(history) == list(range(8))  # resumed at 6, not 0: every step once
+    full, resumed = losses(tracking, full_id), losses(tracking, run_id)
+    for step in range(8):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), step
+    shutil.rmtree(broken)
 
 
 def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):

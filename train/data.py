@@ -44,11 +44,12 @@ def token_rows(rows: dict[str, list], layout: list[schema.TokenColumn], null_cla
     return torch.from_numpy(seqs), torch.tensor(labels)
 
 
-def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Images of one split of a complete ``images`` dataset, for one rank (no Ray needed)."""
+def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1, limit: int | None = None) -> torch.Tensor:
+    """Images of one split of a complete ``images`` dataset, for one rank (no Ray needed); the
+    first ``limit`` by key when given."""
     t = schema.read_table(images_uri, ["key", "split", "image"])
     mask = [s == split for s in t.column("split").to_pylist()]
-    t = t.filter(mask)
+    t = t.filter(mask).sort_by("key").slice(0, limit)
     return decode_rows(t.column("key").to_pylist(), t.column("image").to_pylist(), rank, world)
 
 

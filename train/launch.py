@@ -14,9 +14,12 @@ an MLflow logger, so this module never imports MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,6 +47,48 @@ class FitResult:
     checkpoint_uri: str
     steps: int
     metrics: dict[str, float]
+
+
+PROGRESS_FILE = "progress.json"  # rank 0's latest step, beside the run's checkpoints
+PROGRESS_POLL_S = 5.0  # how often the driver prints it
+
+
+def write_progress(run_uri: str, step: int, total: int, loss: float, images_per_s: float) -> None:
+    """Rank 0's progress for the driver's console (any fsspec URI: the workers may be remote)."""
+    fs, path = schema.url_to_fs(run_uri)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{PROGRESS_FILE}", "w") as f:
+        json.dump({"step": step, "total": total, "loss": loss, "images_per_s": images_per_s}, f)
+
+
+def progress_line(name: str, p: dict) -> str:
+    """``name: step 120/1000 · loss 0.0312 · 14.2 img/s · ETA 1m02s``."""
+    left = (p["total"] - p["step"]) * p.get("seconds_per_step", 0.0)
+    eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s" if p.get("seconds_per_step") else ""
+    return (f"{name}: step {p['step']}/{p['total']} · loss {p['loss']:.4g} · {p['images_per_s']:.1f} img/s{eta}")
+
+
+class _Progress(threading.Thread):
+    """Driver thread: prints rank 0's progress file when it changes (Ray runs with worker logs off)."""
+
+    def __init__(self, run_uri: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.run_uri, self.name, self.done = run_uri, name, threading.Event()
+
+    def run(self) -> None:
+        seen, last_t = None, time.monotonic()
+        fs, path = schema.url_to_fs(self.run_uri)
+        while not self.done.wait(PROGRESS_POLL_S):
+            try:
+                with fs.open(f"{path}/{PROGRESS_FILE}") as f:
+                    p = json.load(f)
+            except (OSError, ValueError):  # not written yet, or being rewritten
+                continue
+            if seen is not None and p["step"] > seen:
+                p["seconds_per_step"] = (time.monotonic() - last_t) / (p["step"] - seen)
+            if p["step"] != seen:
+                log.info(progress_line(self.name, p))
+                seen, last_t = p["step"], time.monotonic()
 
 
 def _read_rows(task: Task) -> dict[str, list]:
@@ -92,22 +137,32 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(tcfg.torch_threads)
     stateful, extras = _trainables(task, tcfg)
     model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
-    start = 0
+    start, state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as d:
-            start = checkpoints.resume(stateful, checkpoints.read_state(d, device))
+            state = checkpoints.read_state(d, device)
+    on_disk = checkpoints.newest_state(cfg["run_uri"], device)
+    if on_disk is not None and (state is None or on_disk["step"] > state["step"]):
+        state = on_disk  # Ray's list lags behind the disk after a kill
+    if state is not None:
+        start = checkpoints.resume(stateful, state)
     elif cfg.get("init_checkpoint"):
         checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], device)
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
+    pending: list[tuple[dict, int]] = []  # metrics go to the logger when their checkpoint is saved
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
+    tick = time.perf_counter()
     for step in range(start, stop):
         idx = data.batch_indices(step, n, tcfg.batch_size, tcfg.seed, rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         done = step + 1
-        if logger and (done % tcfg.log_every == 0 or done == stop or step == start):
-            logger.log_metrics(metrics | ({"rows_per_worker": n} if step == start else {}), step)
+        if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
+            if logger:
+                pending.append((metrics | ({"rows_per_worker": n} if step == start else {}), step))
+            rate = tcfg.batch_size * world * (done - start) / max(time.perf_counter() - tick, 1e-9)
+            write_progress(cfg["run_uri"], done, tcfg.max_steps, metrics["loss"], rate)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
             logger.log_images(*task.preview(unwrap(model), idx, device), step)
         if done % tcfg.checkpoint_every == 0 or done == stop:
@@ -117,6 +172,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     checkpoints.save_state(tmp, task.method.kind, task.method.name, task.model_cfg, stateful, done)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": done}, checkpoint=ckpt)
+            for m, at in pending:  # after the checkpoint: a resumed run logs each step once
+                logger.log_metrics(m, at)
+            pending.clear()
 
 
 def fit(
@@ -156,7 +214,7 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after,
-                           "init_checkpoint": init_checkpoint},
+                           "init_checkpoint": init_checkpoint, "run_uri": schema.join(checkpoints_root, run_name)},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -166,7 +224,12 @@ def fit(
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every rank sees all rows, shards by key
     )
-    result = trainer.fit()
+    progress = _Progress(schema.join(checkpoints_root, run_name), f"{task.method.kind} {task.method.name}")
+    progress.start()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.done.set()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     path = result.checkpoint.path

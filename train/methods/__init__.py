@@ -12,13 +12,16 @@ from coarse2fine.train.methods.base import GeneratorMethod, TokenizerMethod, Uns
 from coarse2fine.train.methods.cart import CART
 from coarse2fine.train.methods.cart_ar import CARTAR
 from coarse2fine.train.methods.cq import CQ
+from coarse2fine.train.methods.far import FAR
+from coarse2fine.train.methods.kl import KL
+from coarse2fine.train.methods.mar import MAR
 from coarse2fine.train.methods.maskgit import MaskGIT
 from coarse2fine.train.methods.sit import SIT
 from coarse2fine.train.methods.vit_vq import ViTVQ
 from coarse2fine.train.methods.vqgan import VQGAN
 
-TOKENIZERS: dict[str, TokenizerMethod] = {m.name: m for m in (SIT(), ViTVQ(), CQ(), VQGAN(), CART())}
-GENERATORS: dict[str, GeneratorMethod] = {m.name: m for m in (ARSIT(), MaskGIT(), CARTAR())}
+TOKENIZERS: dict[str, TokenizerMethod] = {m.name: m for m in (SIT(), ViTVQ(), CQ(), VQGAN(), CART(), KL())}
+GENERATORS: dict[str, GeneratorMethod] = {m.name: m for m in (ARSIT(), MaskGIT(), CARTAR(), MAR(), FAR())}
 
 
 def get(kind: str, name: str) -> TokenizerMethod | GeneratorMethod:

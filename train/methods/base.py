@@ -127,6 +127,12 @@ class TokenizerMethod(Method):
         """A few words naming the variant (shown in errors and summaries)."""
         return self.name
 
+    def calibrate(self, model: torch.nn.Module, layout: list[TokenColumn], images_uri: str) -> list[TokenColumn]:
+        """The layout with what the training images of ``images_uri`` determine filled in (a latent
+        tokenizer's normalisation scale), deterministically (the layout is fingerprinted);
+        unchanged by default."""
+        return layout
+
     @abstractmethod
     def encode(self, model: torch.nn.Module, x_B3HW: torch.Tensor, bases: torch.Tensor | None = None
                ) -> dict[str, np.ndarray]:

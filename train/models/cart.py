@@ -27,14 +27,12 @@ What the seed leaves open, chosen here (all parameters):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.conv_ae import Decoder, Encoder
-from coarse2fine.train.models.conv_vq import CH_MULT, CONV_SIZES
+from coarse2fine.train.models.conv_ae import build_pair, check_shape
 from coarse2fine.train.models.quantizer import EuclideanVQ
 from coarse2fine.train.models.residual_vq import PhiPartiallyShared, map_schedule, residual_quantize, to_full, to_side
 
@@ -42,7 +40,7 @@ from coarse2fine.train.models.residual_vq import PhiPartiallyShared, map_schedul
 @dataclass
 class CARTConfig:
     resolution: int = 64
-    size: str = "tiny"  # conv widths (conv_vq.CONV_SIZES)
+    size: str = "tiny"  # conv widths (conv_ae.CONV_SIZES)
     downsample: int = 8  # f: 64 px → 8×8 latents (the seed's 16 at 256 px)
     z_channels: int = 32  # latent channels C (VAR's Cvae = 32)
     codebook_size: int = 4096  # V (seed §4.1)
@@ -55,13 +53,7 @@ class CARTConfig:
 
     def __post_init__(self) -> None:
         self.base_scales = tuple(int(s) for s in self.base_scales)
-        if self.size not in CONV_SIZES:
-            raise ValueError(f"unknown conv size {self.size!r}; choose from {sorted(CONV_SIZES)}")
-        levels = int(math.log2(self.downsample)) + 1
-        if 2 ** (levels - 1) != self.downsample or levels > len(CH_MULT):
-            raise ValueError(f"downsample must be a power of two up to {2 ** (len(CH_MULT) - 1)}, got {self.downsample}")
-        if self.resolution % self.downsample:
-            raise ValueError(f"resolution {self.resolution} is not divisible by downsample {self.downsample}")
+        check_shape(self.size, self.downsample, self.resolution)
         side = self.resolution // self.downsample
         if not self.base_scales or list(self.base_scales) != sorted(self.base_scales) or min(self.base_scales) < 1:
             raise ValueError(f"base_scales must be a non-empty non-decreasing list of sides, got {list(self.base_scales)}")
@@ -91,10 +83,7 @@ class CARTTokenizer(nn.Module):
     def __init__(self, cfg: CARTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        size = CONV_SIZES[cfg.size]
-        ch_mult = CH_MULT[: int(math.log2(cfg.downsample)) + 1]
-        self.encoder = Encoder(size["ch"], ch_mult, size["res_blocks"], cfg.z_channels)
-        self.decoder = Decoder(size["ch"], ch_mult, size["res_blocks"], cfg.z_channels)
+        self.encoder, self.decoder = build_pair(cfg.size, cfg.downsample, cfg.z_channels, cfg.z_channels)
         self.quantizer = EuclideanVQ(cfg.z_channels, cfg.codebook_size, beta=cfg.beta)  # the shared codebook
         self.phi_bank = PhiPartiallyShared(cfg.z_channels, cfg.num_phi, cfg.phi_ratio)
 

@@ -17,6 +17,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GROUPS = 32  # VQGAN's GroupNorm groups (fewer when a tiny width is not divisible by 32)
+# DiT-style named widths; VQGAN's f16 channel multipliers (1, 1, 2, 2, 4), the first log2(f)+1 of them.
+CONV_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"ch": 16, "res_blocks": 1},
+    "mini": {"ch": 32, "res_blocks": 1},
+    "small": {"ch": 64, "res_blocks": 2},
+    "base": {"ch": 128, "res_blocks": 2},  # VQGAN's width
+}
+CH_MULT = (1, 1, 2, 2, 4)
+
+
+def check_shape(size: str, downsample: int, resolution: int) -> None:
+    """ValueError unless ``size`` is named and ``downsample`` (f) is a power of two this
+    autoencoder reaches that divides ``resolution``."""
+    if size not in CONV_SIZES:
+        raise ValueError(f"unknown conv size {size!r}; choose from {sorted(CONV_SIZES)}")
+    levels = int(math.log2(downsample)) + 1 if downsample >= 1 else 0
+    if levels < 1 or 2 ** (levels - 1) != downsample or levels > len(CH_MULT):
+        raise ValueError(f"downsample must be a power of two up to {2 ** (len(CH_MULT) - 1)}, got {downsample}")
+    if resolution % downsample:
+        raise ValueError(f"resolution {resolution} is not divisible by downsample {downsample}")
+
+
+def build_pair(size: str, downsample: int, z_out: int, z_in: int) -> tuple["Encoder", "Decoder"]:
+    """The encoder (→ ``z_out`` channels) and decoder (``z_in`` channels →) of a named size and f."""
+    widths = CONV_SIZES[size]
+    ch_mult = CH_MULT[: int(math.log2(downsample)) + 1]
+    return (Encoder(widths["ch"], ch_mult, widths["res_blocks"], z_out),
+            Decoder(widths["ch"], ch_mult, widths["res_blocks"], z_in))
 
 
 def _norm(channels: int) -> nn.GroupNorm:

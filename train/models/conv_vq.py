@@ -12,23 +12,13 @@ Images in [0, 1] are mapped to [-1, 1] for the encoder; the decoder output is ma
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.conv_ae import Decoder, Encoder
+from coarse2fine.train.models.conv_ae import build_pair, check_shape
 from coarse2fine.train.models.quantizer import EuclideanVQ
-
-# DiT-style named widths; VQGAN's f16 channel multipliers (1, 1, 2, 2, 4), the first log2(f)+1 of them.
-CONV_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"ch": 16, "res_blocks": 1},
-    "mini": {"ch": 32, "res_blocks": 1},
-    "small": {"ch": 64, "res_blocks": 2},
-    "base": {"ch": 128, "res_blocks": 2},  # VQGAN's width
-}
-CH_MULT = (1, 1, 2, 2, 4)
 
 
 @dataclass
@@ -45,13 +35,7 @@ class ConvVQConfig:
     def __post_init__(self) -> None:
         if self.axis not in ("channel", "spatial"):
             raise ValueError(f"axis must be channel or spatial, got {self.axis!r}")
-        if self.size not in CONV_SIZES:
-            raise ValueError(f"unknown conv size {self.size!r}; choose from {sorted(CONV_SIZES)}")
-        levels = int(math.log2(self.downsample)) + 1
-        if 2 ** (levels - 1) != self.downsample or levels > len(CH_MULT):
-            raise ValueError(f"downsample must be a power of two up to {2 ** (len(CH_MULT) - 1)}, got {self.downsample}")
-        if self.resolution % self.downsample:
-            raise ValueError(f"resolution {self.resolution} is not divisible by downsample {self.downsample}")
+        check_shape(self.size, self.downsample, self.resolution)
         if self.codebook_size < 2 or self.z_channels < 1 or (self.code_dim is not None and self.code_dim < 1):
             raise ValueError("codebook_size must be >= 2, z_channels and code_dim >= 1")
         if self.axis == "channel" and self.code_dim is not None:
@@ -76,10 +60,7 @@ class ConvVQTokenizer(nn.Module):
     def __init__(self, cfg: ConvVQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        size = CONV_SIZES[cfg.size]
-        ch_mult = CH_MULT[: int(math.log2(cfg.downsample)) + 1]
-        self.encoder = Encoder(size["ch"], ch_mult, size["res_blocks"], cfg.z_channels)
-        self.decoder = Decoder(size["ch"], ch_mult, size["res_blocks"], cfg.z_channels)
+        self.encoder, self.decoder = build_pair(cfg.size, cfg.downsample, cfg.z_channels, cfg.z_channels)
         self.quantizer = EuclideanVQ(cfg.vector_dim, cfg.codebook_size, cfg.code_dim, cfg.beta)
 
     def to_vectors(self, z_BChw: torch.Tensor) -> torch.Tensor:
