@@ -9,6 +9,7 @@ the RNG state, and what is needed to rebuild the model without the config: ``kin
 from __future__ import annotations
 
 import os
+import pickle
 import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,7 +55,7 @@ def newest_state(run_uri: str, device: str | torch.device = "cpu") -> dict | Non
             try:
                 with fs.open(posixpath.join(folder, CHECKPOINT_FILE), "rb") as f:
                     return torch.load(f, map_location=device, weights_only=False)
-            except (EOFError, RuntimeError, OSError):
+            except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError):  # cut mid-write
                 continue
     return None
 
