@@ -116,5 +116,10 @@ class MlflowLogger:
         now = int(time.time() * 1000)
         self._client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def logged_steps(self, key: str = "loss") -> set[int]:
+        """Steps at which ``key`` is already in the run (one ``log_metrics`` call is one atomic
+        batch, so a step with ``key`` is complete): a resumed run skips them."""
+        return {m.step for m in self._client().get_metric_history(self.run_id, key)}
+
     def log_images(self, images_NCHW: np.ndarray, name: str, step: int) -> None:
         self._client().log_image(self.run_id, image_grid(np.asarray(images_NCHW)), key=name, step=step)

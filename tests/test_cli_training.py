@@ -66,7 +66,7 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         manifest = schema.read_manifest(tokens_uri)
         assert manifest["config"]["layout_version"] == 2 and manifest["config"]["method"] == "sit"
         assert manifest["config"]["layout"] == [{"name": f"ids_{s}", "shape": [2, 2], "dtype": "int32", "vocab": 64,
-                                                 "role": "scale", "code_dim": 0} for s in range(3)]
+                                                 "role": "scale", "code_dim": 0, "scale": 1.0} for s in range(3)]
         listed = [str(u) for u in schema.shard_uris(tokens_uri)]
         first_key = row.column("key")[0].as_py()
         via_duckdb = duckdb.sql(f"select ids_2 from read_parquet({listed}) where key = '{first_key}'").fetchall()

@@ -116,7 +116,7 @@ def test_cq_and_spatial_vq_train_tokenize_evaluate_through_the_cli(tmp_path, cap
             tokens_uri = mlflow.get_run(run_id).data.tags["c2f.tokens"]
             layout = schema.read_manifest(tokens_uri)["config"]["layout"]
             assert layout == [{"name": "ids", "shape": shape, "dtype": "int32", "vocab": 64, "role": role,
-                              "code_dim": 0}]
+                              "code_dim": 0, "scale": 1.0}]
             ids = schema.tensor_numpy(schema.read_table(tokens_uri).column("ids"))
             assert ids.shape == (12, *shape) and 0 <= ids.min() and ids.max() < 64
             assert np.unique(ids).size > 1

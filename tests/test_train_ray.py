@@ -90,7 +90,7 @@ def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path)
 def test_resume_takes_the_newest_checkpoint_on_disk_and_logs_each_step_once(ray_session, images_uri, tmp_path):
     """Ray's checkpoint list can lag behind the disk after a kill -9 (here: its snapshot is gone
     and a later, unlisted checkpoint is on disk): the run resumes from the newest complete
-    checkpoint, and metrics logged after the last checkpoint of the first run are not doubled."""
+    checkpoint, and steps the first run already logged are not logged twice."""
     import shutil
     from pathlib import Path
 

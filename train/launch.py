@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 class MetricsLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def logged_steps(self, key: str = "loss") -> set[int]: ...
+
     def log_images(self, images_NCHW: np.ndarray, name: str, step: int) -> None: ...
 
 
@@ -149,7 +151,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     elif cfg.get("init_checkpoint"):
         checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], device)
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
-    pending: list[tuple[dict, int]] = []  # metrics go to the logger when their checkpoint is saved
+    logged = logger.logged_steps() if logger and start > 0 else set()  # a killed run may have logged past its checkpoint
     use_bf16 = tcfg.bf16 and device.type == "cuda"
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
     tick = time.perf_counter()
@@ -159,8 +161,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         done = step + 1
         if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
-            if logger:
-                pending.append((metrics | ({"rows_per_worker": n} if step == start else {}), step))
+            if logger and step not in logged:
+                logger.log_metrics(metrics | ({"rows_per_worker": n} if step == start else {}), step)
             rate = tcfg.batch_size * world * (done - start) / max(time.perf_counter() - tick, 1e-9)
             write_progress(cfg["run_uri"], done, tcfg.max_steps, metrics["loss"], rate)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
@@ -172,9 +174,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     checkpoints.save_state(tmp, task.method.kind, task.method.name, task.model_cfg, stateful, done)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": done}, checkpoint=ckpt)
-            for m, at in pending:  # after the checkpoint: a resumed run logs each step once
-                logger.log_metrics(m, at)
-            pending.clear()
 
 
 def fit(
