@@ -39,7 +39,7 @@ def mse_per_prefix(cfg, run_id: str) -> tuple[list[float], int]:
     """Held-out reconstruction MSE after decoding the first m maps, m = 1 … M, and n."""
     tags = runs.finished_run(cfg.tracking, run_id)
     method, model = load_model(tags[runs.CHECKPOINT_TAG], "cpu", "tokenizer")
-    x, _, keys = held_out(tags["c2f.images"], cfg.evaluate.max_samples, with_keys=True)
+    x, _, keys = held_out(tags["c2f.images"], cfg.evaluate.max_samples)
     k = method.factors(model.cfg)
     bases = load_bases(tags["c2f.decomposition"], keys, k) if k else None
     _, ids_BL, _ = model(x, bases)

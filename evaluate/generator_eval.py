@@ -115,7 +115,7 @@ def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: s
                     | {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024})
         grid_rows.append(_full_res(out.images[:8], R))
     up_rows, up_grid = [], None
-    x, labels = held_out(images_uri, num_samples)
+    x, labels, _ = held_out(images_uri, num_samples)
     null = gen.cfg.null_class
     cond = torch.tensor([null if lab is None else lab for lab in labels], device=device)
     for k in range(1, S) if upsampling else []:

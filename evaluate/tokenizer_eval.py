@@ -35,16 +35,16 @@ class TokenizerReport:
     grid: np.ndarray  # (2·n, 3, R, R): originals then reconstructions
 
 
-def held_out(images_uri: str, limit: int, with_keys: bool = False):
-    """Images and labels of the validation split (the train split when there is no validation
-    row), sorted by key (and their keys)."""
+def held_out(images_uri: str, limit: int) -> tuple[torch.Tensor, list[int | None], list[str]]:
+    """Images, labels and keys of the validation split (the train split when there is no
+    validation row), sorted by key."""
     t = schema.read_table(images_uri, ["key", "split", "label", "image"]).sort_by("key")
     splits = t.column("split").to_pylist()
     pick = "validation" if "validation" in splits else "train"
     rows = [i for i, s in enumerate(splits) if s == pick][:limit]
     imgs, labels, keys = (t.column(c).to_pylist() for c in ("image", "label", "key"))
-    out = torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows])), [labels[i] for i in rows]
-    return out + ([keys[i] for i in rows],) if with_keys else out
+    x = torch.from_numpy(np.stack([schema.decode_image(imgs[i]) for i in rows]))
+    return x, [labels[i] for i in rows], [keys[i] for i in rows]
 
 
 def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfig,
@@ -54,7 +54,7 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
     ``decomposition_uri`` when the method takes them)."""
     device = resolve_device(cfg.device)
     method, model = load_model(checkpoint_uri, device, "tokenizer")
-    x, _, keys = held_out(images_uri, cfg.max_samples, with_keys=True)
+    x, _, keys = held_out(images_uri, cfg.max_samples)
     k = method.factors(model.cfg)
     bases = load_bases(decomposition_uri, keys, k) if k else None
     R = model.cfg.resolution

@@ -41,16 +41,19 @@ def read_state(checkpoint_uri: str, device: str | torch.device = "cpu") -> dict:
     return state
 
 
-def newest_state(run_uri: str, device: str | torch.device = "cpu") -> dict | None:
+def newest_state(run_uri: str, device: str | torch.device = "cpu", newer_than: str | None = None) -> dict | None:
     """The state of the newest complete checkpoint folder of a Ray Train run on disk
     (``checkpoint_<time>`` folders sort by time; one whose ``state.pt`` is missing or unreadable,
-    e.g. cut by a kill, is skipped), or None. Ray's own checkpoint list can lag behind the disk
-    after a kill -9, so a resume takes whichever is newer."""
+    e.g. cut by a kill, is skipped), or None — None too when none is newer than the folder named
+    ``newer_than`` (Ray's checkpoint, already loaded). Ray's own checkpoint list can lag behind the
+    disk after a kill -9, so a resume takes whichever is newer."""
     fs, path = fsspec.core.url_to_fs(run_uri)
     if not fs.exists(path):
         return None
     folders = sorted(p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
     for folder in reversed(folders):
+        if posixpath.basename(folder.rstrip("/")) == newer_than:
+            return None
         if fs.exists(posixpath.join(folder, CHECKPOINT_FILE)):
             try:
                 with fs.open(posixpath.join(folder, CHECKPOINT_FILE), "rb") as f:

@@ -139,13 +139,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(tcfg.torch_threads)
     stateful, extras = _trainables(task, tcfg)
     model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
-    start, state = 0, None
+    start, state, ray_folder = 0, None, None
     if checkpoint := ray.train.get_checkpoint():
+        ray_folder = os.path.basename(checkpoint.path.rstrip("/"))
         with checkpoint.as_directory() as d:
             state = checkpoints.read_state(d, device)
-    on_disk = checkpoints.newest_state(cfg["run_uri"], device)
-    if on_disk is not None and (state is None or on_disk["step"] > state["step"]):
-        state = on_disk  # Ray's list lags behind the disk after a kill
+    # Ray's list lags behind the disk after a kill: a newer complete checkpoint on disk wins
+    state = checkpoints.newest_state(cfg["run_uri"], device, newer_than=ray_folder) or state
     if state is not None:
         start = checkpoints.resume(stateful, state)
     elif cfg.get("init_checkpoint"):

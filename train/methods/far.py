@@ -47,6 +47,7 @@ class FAR(MAR):
     params = params_section(FARConfig, DERIVED, "FAR parameters (see train/methods/far.py, train/models/mar.py).")
     code = ("train.methods.far", "train.methods.mar") + CODE
     capabilities = frozenset()
+    level_cond = True
 
     def loss(self, model, tokens, cond_B, tokenizer=None):
         cfg = unwrap(model).cfg

@@ -33,6 +33,7 @@ class MAR(GeneratorMethod):
     code = ("train.methods.mar",) + CODE
     capabilities = frozenset({"steps"})
     betas = (0.9, 0.95)  # MAR
+    level_cond = False  # FAR conditions the diffusion head on the frequency level
     example_layout = [TokenColumn("mean", (1, 1, 1), "float16", 0, "latent"),
                       TokenColumn("logvar", (1, 1, 1), "float16", 0, "latent")]
 
@@ -47,7 +48,7 @@ class MAR(GeneratorMethod):
         self.accept(layout)
         C, h, w = layout[0].shape
         return self.config_cls(seq_len=h * w, token_dim=C, latent_scale=layout[0].scale, num_classes=num_classes,
-                               level_cond=self.name == "far", **params.model_dump())
+                               level_cond=self.level_cond, **params.model_dump())
 
     def build(self, model_cfg):
         return build_mar(model_cfg)
