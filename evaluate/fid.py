@@ -33,6 +33,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def machine(device: torch.device) -> str:
+    """What a throughput was measured on, e.g. ``cpu x86_64, 2 cores`` or ``NVIDIA H100 80GB HBM3``."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} {platform.machine()}, {os.cpu_count()} cores"
+
+
 @torch.no_grad()
 def extract(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device, desc: str = "features") -> np.ndarray:
     """Run ``model`` over batches (with a progress bar) and return stacked outputs as float64."""

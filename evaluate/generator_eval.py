@@ -111,7 +111,8 @@ def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: s
         out = sample_row(lambda c, i: generate(gen, tok, c, s, settings, seed + i)[1], classes, cfg, ev, images_uri,
                          factor, f"generated {R // factor}px")
         tokens = s * gen.cfg.tokens_per_scale
-        rows.append({"stop_scale": s, "resolution": R // factor, "tokens": tokens} | out.metrics
+        rows.append({"stop_scale": s, "resolution": R // factor, "tokens": tokens,
+                     "forward_passes": tokens} | out.metrics  # one token per KV-cached pass
                     | {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024})
         grid_rows.append(_full_res(out.images[:8], R))
     up_rows, up_grid = [], None

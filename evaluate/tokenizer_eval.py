@@ -9,6 +9,7 @@ images/s and tokens per image; at full resolution also codebook usage and unique
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ SSIM_WINDOW = 11  # Gaussian window of the SSIM (σ = 1.5), torchmetrics' defaul
 class TokenizerReport:
     rows: list[dict]  # one per resolution, full resolution first
     codebook: dict[str, float]  # usage / unique ratio per scale
+    summary: dict[str, float]  # tokens_per_image, num_params (+ bits_per_image, codebook_usage, unique_ratio if discrete)
     grid: np.ndarray  # (2·n, 3, R, R): originals then reconstructions
 
 
@@ -88,5 +90,10 @@ def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfi
     for ids_Nn, (name, vocab, _) in zip(group_ids(full_idx, groups), groups):
         codebook[f"codebook_usage/{name}"] = codebook_usage(ids_Nn, vocab)
         codebook[f"unique_ratio/{name}"] = unique_token_ratio(ids_Nn)
+    summary = {"tokens_per_image": rows[0]["tokens"], "num_params": sum(p.numel() for p in model.parameters())}
+    if groups:  # discrete: log2 of each token's vocabulary, summed
+        summary["bits_per_image"] = sum(size * math.log2(vocab) for _, vocab, size in groups)
+        for key in ("codebook_usage", "unique_ratio"):
+            summary[key] = float(np.mean([v for k, v in codebook.items() if k.startswith(key + "/")]))
     n = min(8, len(x))
-    return TokenizerReport(rows, codebook, torch.cat([x[:n], full_recon[:n]]).numpy())
+    return TokenizerReport(rows, codebook, summary, torch.cat([x[:n], full_recon[:n]]).numpy())

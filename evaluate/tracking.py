@@ -79,11 +79,36 @@ def image_grid(images_NCHW: np.ndarray, nrow: int | None = None, pad: int = 2) -
     return (grid * 255).round().astype(np.uint8)
 
 
+MIN_TILE = 96
+"""Pixels a tile is (nearest-neighbour) upscaled to at least, so 32/64 px images read in the MLflow UI."""
+
+
+def labelled_grid(images_NCHW: np.ndarray, row_labels: list[str], pad: int = 2) -> np.ndarray:
+    """One row of images per label (``len(images) / len(row_labels)`` each), tiles upscaled to at
+    least :data:`MIN_TILE` px, each row's label written in a margin on its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images_NCHW = np.asarray(images_NCHW)
+    n, rows = len(images_NCHW), len(row_labels)
+    assert rows and n % rows == 0, f"{n} images do not split into {rows} labelled rows"
+    k = -(-MIN_TILE // images_NCHW.shape[-2])  # integer upscale factor
+    big = images_NCHW.repeat(k, axis=-2).repeat(k, axis=-1)  # (N, 3, kH, kW)
+    grid = image_grid(big, n // rows, pad)
+    font = ImageFont.load_default()
+    margin = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in row_labels)
+    canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw, tile = ImageDraw.Draw(canvas), big.shape[-2] + pad
+    for r, text in enumerate(row_labels):
+        draw.text((4, pad + r * tile + tile // 2), text, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
 def log_image_grid(images_NCHW: np.ndarray, artifact_file: str, step: int | None = None,
-                   nrow: int | None = None) -> None:
-    """Log a sample/reconstruction grid (``nrow`` images per row) as an image artifact (``step``
-    keeps one per step)."""
-    grid = image_grid(np.asarray(images_NCHW), nrow)
+                   nrow: int | None = None, row_labels: list[str] | None = None) -> None:
+    """Log a sample/reconstruction grid as an image artifact (``step`` keeps one per step): with
+    ``row_labels``, one labelled row per label (see :func:`labelled_grid`), else ``nrow`` images per row."""
+    grid = labelled_grid(images_NCHW, row_labels) if row_labels else image_grid(np.asarray(images_NCHW), nrow)
     if step is None:
         mlflow.log_image(grid, artifact_file=artifact_file)
     else:
@@ -121,5 +146,6 @@ class MlflowLogger:
         batch, so a step with ``key`` is complete): a resumed run skips them."""
         return {m.step for m in self._client().get_metric_history(self.run_id, key)}
 
-    def log_images(self, images_NCHW: np.ndarray, name: str, step: int) -> None:
-        self._client().log_image(self.run_id, image_grid(np.asarray(images_NCHW)), key=name, step=step)
+    def log_images(self, images_NCHW: np.ndarray, name: str, step: int, row_labels: list[str]) -> None:
+        self._client().log_image(self.run_id, labelled_grid(images_NCHW, [f"{t}, step {step + 1}" for t in row_labels]),
+                                 key=name, step=step)

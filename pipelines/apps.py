@@ -55,11 +55,11 @@ def class_id(label: str | None, classes: list[str], null_class: int) -> int:
     raise UserKeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
 
 
-def _save_grid(images_NCHW, out: str, run_id: str, nrow: int | None = None) -> None:
-    """Write a PNG grid to ``out`` and log it to the run under ``samples/``."""
+def _save_grid(images_NCHW, out: str, run_id: str, row_labels: list[str]) -> None:
+    """Write a PNG grid (one labelled row per label) to ``out`` and log it to the run under ``samples/``."""
     from PIL import Image
 
-    Image.fromarray(tracking.image_grid(images_NCHW, nrow)).save(out)
+    Image.fromarray(tracking.labelled_grid(images_NCHW, row_labels)).save(out)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(out, "samples")
 
@@ -69,7 +69,7 @@ def _save_samples(ids, cond, images, run_id: str, seed: int, out: str) -> dict:
     both logged to the generator's run under ``samples/``."""
     tokens_file = f"{out}.tokens.npz"
     np.savez(tokens_file, ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
-    _save_grid(images.float().cpu().numpy(), out, run_id)
+    _save_grid(images.float().cpu().numpy(), out, run_id, [f"samples, {images.shape[-1]}px"])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(tokens_file, "samples")
     return {"grid": out, "tokens": tokens_file, "resolution": images.shape[-1], "num_tokens": ids.shape[1]}
@@ -135,7 +135,7 @@ def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, see
     _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
     R = up.shape[-1]
     grid = torch.cat([F.interpolate(low, size=(R, R), mode="nearest"), up]).float().cpu().numpy()
-    _save_grid(grid, out, run_id, nrow=len(low))
+    _save_grid(grid, out, run_id, [f"input {low.shape[-1]}px", f"upsampled {R}px"])
     return {"grid": out, "input_resolution": low.shape[-1], "resolution": R}
 
 
@@ -151,5 +151,6 @@ def edit(cfg: Config, run_id: str, images: list[str], keep_scales: int, label: s
     edited, kept = pair.method.edit(pair.generator, pair.tokenizer, x, keep_scales, cond,
                                     sample_settings(cfg, **settings), seed)
     kept = F.interpolate(kept, size=x.shape[-2:], mode="nearest")
-    _save_grid(torch.cat([x, kept, edited]).float().cpu().numpy(), out, run_id, nrow=len(x))
+    _save_grid(torch.cat([x, kept, edited]).float().cpu().numpy(), out, run_id,
+               ["input", f"first {keep_scales} scales", "edited"])
     return {"grid": out, "keep_scales": keep_scales}

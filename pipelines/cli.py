@@ -130,9 +130,11 @@ def run(
     t0 = time.time()
     state = full_pipeline(config=paths, overrides=set_ or [], demo_images=demo_images, retrain=retrain,
                           return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, dict):  # completed, or failed pairs beside finished ones
+        out.print(format_summary(summary), soft_wrap=True)
     if not state.is_completed():
         raise UserError(f"flow run {state.name}: {state.message}")
-    out.print(format_summary(state.result()), soft_wrap=True)
     out.print(f"[bold]done in {time.time() - t0:.0f}s[/bold]")
     out.print("inspect a dataset: c2f inspect URI [--key KEY --png row.png], or duckdb/polars on URI/*.parquet", soft_wrap=True)
     out.print(f"compare runs: c2f compare --experiment {cfg.tracking.experiment} --metric psnr --metric fid")
@@ -217,17 +219,32 @@ def fid(
 
 @app.command()
 def compare(
-    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment name "
+                                             "(default: the config's tracking.experiment)."),
+    methods: bool = typer.Option(False, "--methods", help="The side-by-side table of tokenizer:generator pairs: "
+                                 "the newest evaluated generator run of each pair on the newest images, with its "
+                                 "tokenizer run (refuses runs of different images or evaluation protocols)."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric to compare (repeatable); default fid, psnr."),
     config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    png: Path = typer.Option(Path("comparison.png"), "--png", help="Where to write the comparison plot."),
+    png: Path = typer.Option(Path("comparison.png"), "--png", help="Where to write the comparison plot (not with --methods)."),
 ) -> None:
-    """Table and plot of an experiment's runs (also logged to MLflow as a comparison run)."""
-    from coarse2fine.evaluate.compare import compare as run_compare
+    """Table and plot of an experiment's runs, or with --methods the method table (Markdown, CSV and
+    two plots under storage.root/comparison/); both are logged to MLflow as a comparison run."""
+    from coarse2fine.evaluate import compare as cmp
+    from coarse2fine.preprocess import storage
 
+    tracking_cfg = load_section(config, set_, "tracking")
+    experiment = experiment or tracking_cfg.experiment
+    if methods:
+        runs = cmp.latest_method_runs(tracking_cfg, experiment)
+        res = cmp.compare_methods(tracking_cfg.model_copy(update={"experiment": experiment}), runs,
+                                  storage.join(load_section(config, set_, "storage").root, "comparison"))
+        out.print(res.markdown, soft_wrap=True)
+        out.print(f"files: {', '.join(res.files)}   logged as MLflow run {res.run_id}", soft_wrap=True)
+        return
     metrics = metric or ["fid", "psnr"]
-    table, png_path, run_id = run_compare(load_section(config, set_, "tracking"), experiment, metrics, png)
+    table, png_path, run_id = cmp.compare(tracking_cfg, experiment, metrics, png)
     _print_table(f"experiment {experiment}", list(table.columns), table.itertuples(index=False), "{:.4f}")
     out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 

@@ -7,6 +7,7 @@ their own section.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -28,8 +29,46 @@ class ConfigError(UserValueError):
     """A config file or override that cannot be used; the message is one line for the user."""
 
 
+PAIR_SECTIONS = ("tokenizer.", "generator.")
+"""What a pair may override: its models. Data, preprocessing and evaluation are shared by every pair
+(one preprocessing, one FID protocol), or the comparison would not compare like with like."""
+
+
+class PairConfig(Section):
+    """One tokenizer:generator pair the flow trains and evaluates, written ``sit:ar_sit`` or
+    ``{pair: cq:maskgit, overrides: {tokenizer.train.max_steps: 500}}`` (dotted keys under
+    ``tokenizer.`` / ``generator.`` only)."""
+
+    pair: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"pair": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> "PairConfig":
+        tok, sep, gen = self.pair.partition(":")
+        if not sep or tok not in methods.TOKENIZERS or gen not in methods.GENERATORS:
+            raise ValueError(f"{self.pair!r} is not tokenizer:generator with tokenizer one of "
+                             f"{', '.join(methods.TOKENIZERS)} and generator one of {', '.join(methods.GENERATORS)}")
+        wrong = [k for k in self.overrides if not k.startswith(PAIR_SECTIONS)]
+        if wrong:
+            raise ValueError(f"pair {self.pair}: overrides may only change tokenizer.* and generator.*, not "
+                             f"{', '.join(wrong)} (every pair shares the data and the evaluation protocol)")
+        return self
+
+    @property
+    def methods(self) -> tuple[str, str]:
+        tok, _, gen = self.pair.partition(":")
+        return tok, gen
+
+
 class Config(Section):
-    """Every section; each stage receives only its own (plus URIs)."""
+    """Every section; each stage receives only its own (plus URIs). ``pairs`` lists the
+    tokenizer:generator pairs the flow compares; empty = the one pair ``tokenizer.method`` :
+    ``generator.method``."""
 
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -39,27 +78,53 @@ class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    pairs: list[PairConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         check_levels(self.data, self.preprocess)
         self.tokenizer.model_config_for(self.data.resolution)  # raises ValueError on impossible shapes
         self.generator.method_plugin().check_params(self.generator.params())  # before any training
+        names = [p.pair for p in self.pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pairs: each pair once, got {', '.join(names)}")
+        self.pair_configs()  # every pair's config is valid before anything runs
         return self
+
+    def pair_configs(self) -> list[tuple[str, "Config"]]:
+        """``(tokenizer:generator, its config)`` per pair: this config with the pair's methods and
+        overrides (and no pairs of its own)."""
+        if not self.pairs:
+            return [(f"{self.tokenizer.method}:{self.generator.method}", self)]
+        out = []
+        for p in self.pairs:
+            tree = self.model_dump(mode="json", exclude={"pairs"})
+            tok, gen = p.methods
+            tree["tokenizer"]["method"], tree["generator"]["method"] = tok, gen
+            for dotted, value in p.overrides.items():
+                _set(tree, dotted.split("."), value)
+            try:
+                out.append((p.pair, Config.model_validate(tree)))
+            except ValidationError as e:
+                raise ValueError(f"pair {p.pair}: {_one_line(e)}") from None
+        return out
+
+
+def _set(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
 
 
 def _apply_override(tree: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
     dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    _set(tree, dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else "")
 
 
 def _moved(loc: tuple) -> str:

@@ -7,6 +7,7 @@ or killed one resumed (same MLflow run, same Ray run name), otherwise a new run 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,9 @@ DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
 EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
 STATUS_TAG = "c2f.status"  # "finished" or "paused at step N"
 CHECKPOINT_TAG = "c2f.checkpoint"
+PROTOCOL_TAG = "c2f.eval_protocol"  # the evaluation protocol without the code: runs compared side by side share it
+MACHINE_TAG = "c2f.eval_machine"  # where the evaluation's images/s were measured
+TRAIN_TIME_METRIC = "train_wall_s"  # seconds of training over every invocation of a run (resumes add up)
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,15 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
     client = mlflow.MlflowClient()
     log.info("train-%s: %s run %s (%s) — watch it with: mlflow ui --backend-store-uri %s", kind, method, run_id,
              run_name, tracking_cfg.uri)
+    previous = client.get_run(run_id).data.metrics.get(TRAIN_TIME_METRIC, 0.0)
+    t0 = time.perf_counter()
     try:
         fit = fit_fn(MlflowLogger(tracking_cfg, run_id), run_name, init.data.tags[CHECKPOINT_TAG] if init else None)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        client.log_metric(run_id, TRAIN_TIME_METRIC, previous + time.perf_counter() - t0)
     client.set_tag(run_id, CHECKPOINT_TAG, fit.checkpoint_uri)
     finished = fit.steps >= max_steps
     client.set_tag(run_id, STATUS_TAG, "finished" if finished else f"paused at step {fit.steps}")

@@ -151,12 +151,12 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
     for k in ("psnr", "ssim", "l1", "rfid"):
         if k in top and top[k] == top[k]:
             client.log_metric(run_id, k, float(top[k]))
-    for k, v in report.codebook.items():
-        client.log_metric(run_id, k, float(v))
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in
+                                      (report.codebook | report.summary | {"rfid_n": top["n"]}).items()])
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, "eval/per_resolution.json")
-        tracking.log_image_grid(report.grid, "eval/reconstructions.png")
-    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "tokenizer", tags["c2f.method"]))
+        tracking.log_image_grid(report.grid, "eval/reconstructions.png", row_labels=["original", "reconstruction"])
+    _tag_evaluation(cfg, run_id, "tokenizer", tags["c2f.method"])
     return report.rows
 
 
@@ -175,32 +175,71 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
     metrics += [mlflow.entities.Metric(f"eval/upsample_{k}_from{row['input_resolution']}px", float(v), 0, 0)
                 for row in report.upsampling for k, v in row.items() if k != "input_resolution" and v == v]
     client.log_batch(run_id, metrics=metrics)
-    headline = report.rows[-1]  # the full stop scale (AR-SIT) / one token per step (MaskGIT)
-    if "fid" in headline:
-        client.log_metric(run_id, "fid", float(headline["fid"]))
+    # the headline (compared across methods): the full stop scale (AR-SIT), one token per step
+    # (MaskGIT), every map (CART), MAR's default steps, every frequency level (FAR)
+    headline = report.rows[-1]
+    settings = sample_settings(cfg)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in {
+        "fid": headline.get("fid"), "kid": headline.get("kid"), "fid_n": headline["n"],
+        "images_per_s": headline["images_per_s"], "forward_passes": headline["forward_passes"],
+        "diffusion_passes": headline.get("diffusion_passes", 0), "cfg_scale": settings.guidance,
+        "eval_batch_size": cfg.evaluate.batch_size,
+        "num_params": sum(p.numel() for p in pair.generator.parameters())}.items() if v is not None])
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, f"eval/{report.table}.json")
-        # one row per setting (stop scale, steps) / per kind of image (input, upsampled, original)
+        # one row per setting (stop scale, steps, maps)
         tracking.log_image_grid(report.samples_grid, f"eval/samples_per_{report.key}.png",
-                                nrow=len(report.samples_grid) // len(report.rows))
+                                nrow=len(report.samples_grid) // len(report.rows),
+                                row_labels=[_setting_label(report.key, row) for row in report.rows])
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
-            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3)
-    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, "generator", tags["c2f.method"],
-                                                                 tags["c2f.tokenizer_method"]))
+            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3,
+                                    row_labels=[f"input {report.upsampling[-1]['input_resolution']}px", "upsampled",
+                                                "original"])
+    _tag_evaluation(cfg, run_id, "generator", tags["c2f.method"], tags["c2f.tokenizer_method"])
     return {report.table: report.rows, "upsampling": report.upsampling}
 
 
+def _setting_label(key: str, row: dict) -> str:
+    """A grid row's label: ``stop scale 2 (32px)``, ``8 steps``, ``10 maps``."""
+    if key == "stop_scale":
+        return f"stop scale {row['stop_scale']} ({row['resolution']}px)"
+    return f"{row[key]} {key.replace('_', ' ')}"
+
+
+def protocol_fingerprint(cfg: Config, kind: str) -> str:
+    """The evaluation protocol shared by every method: the evaluation settings (images, Inception,
+    FID/KID subsets) and, for generators, the sampling settings and the number of samples. Runs
+    compared side by side must share it (``c2f.eval_protocol``)."""
+    return storage.fingerprint(f"protocol-{kind}", _protocol_settings(cfg, kind), [], "")
+
+
+def _protocol_settings(cfg: Config, kind: str) -> dict:
+    settings = cfg.evaluate.model_dump(exclude={"device"})
+    if kind == "generator":
+        settings |= {"sampling": asdict(sample_settings(cfg)), "eval_samples": cfg.generator.eval_samples}
+    return settings
+
+
+def _tag_evaluation(cfg: Config, run_id: str, kind: str, method: str, tokenizer_method: str | None = None) -> None:
+    """Mark ``run_id`` evaluated: the protocol with the methods' code (reuse), the protocol alone
+    (comparison) and the machine its images/s were measured on."""
+    from coarse2fine.evaluate.fid import machine, resolve_device
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, runs.PROTOCOL_TAG, protocol_fingerprint(cfg, kind))
+    client.set_tag(run_id, runs.MACHINE_TAG, machine(resolve_device(cfg.evaluate.device)))
+    client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, kind, method, tokenizer_method))
+
+
 def evaluation_fingerprint(cfg: Config, kind: str, method: str, tokenizer_method: str | None = None) -> str:
-    """The evaluation protocol of a run of ``kind`` and ``method`` (a generator's also depends on
-    its sampling settings and on its tokenizer's method: the methods' code decides how images are
+    """The evaluation protocol of a run of ``kind`` and ``method`` with the code that ran it (a
+    generator's also depends on its tokenizer's method: the methods' code decides how images are
     reconstructed, sampled and decoded)."""
     from coarse2fine.evaluate import fid, generator_eval, metrics, tokenizer_eval
     from coarse2fine.train import methods
 
-    settings = cfg.evaluate.model_dump(exclude={"device"})
-    if kind == "generator":
-        settings |= {"sampling": asdict(sample_settings(cfg)), "eval_samples": cfg.generator.eval_samples}
+    settings = _protocol_settings(cfg, kind)
     used = [methods.get(kind, method)] + ([methods.tokenizer(tokenizer_method)] if tokenizer_method else [])
     code = storage.code_version(fid, generator_eval, metrics, tokenizer_eval, *(m for u in used for m in u.model_modules()))
     return storage.fingerprint(f"evaluate-{kind}", settings, [], code)

@@ -8,7 +8,7 @@ checkpoint (Ray Train V2: same ``RunConfig(name, storage_path)``); batches are a
 the step (``train.data``), so the resumed loss curve continues the original one.
 
 Metrics and image grids go to an injected ``logger`` (rank 0 only): any picklable object with
-``log_metrics(dict, step)`` and ``log_images(images_NCHW, name, step)`` — the entry point passes
+``log_metrics(dict, step)`` and ``log_images(images_NCHW, name, step, row_labels)`` — the entry point passes
 an MLflow logger, so this module never imports MLflow.
 """
 
@@ -40,7 +40,7 @@ class MetricsLogger(Protocol):
 
     def logged_steps(self, key: str = "loss") -> set[int]: ...
 
-    def log_images(self, images_NCHW: np.ndarray, name: str, step: int) -> None: ...
+    def log_images(self, images_NCHW: np.ndarray, name: str, step: int, row_labels: list[str]) -> None: ...
 
 
 @dataclass
@@ -166,7 +166,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             rate = tcfg.batch_size * world * (done - start) / max(time.perf_counter() - tick, 1e-9)
             write_progress(cfg["run_uri"], done, tcfg.max_steps, metrics["loss"], rate)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
-            logger.log_images(*task.preview(unwrap(model), idx, device), step)
+            images, name, labels = task.preview(unwrap(model), idx, device)
+            logger.log_images(images, name, step, labels)
         if done % tcfg.checkpoint_every == 0 or done == stop:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
@@ -199,10 +200,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray_cfg = ray_cfg or RayConfig()
-    if not ray.is_initialized():
-        ray.init(address=ray_cfg.address, num_cpus=None if ray_cfg.address else ray_cfg.num_cpus,  # a cluster refuses num_cpus
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ensure_ray(ray_cfg or RayConfig())
     storage_fs, storage_path = ray_storage(checkpoints_root)
     data_fs, _ = ray_storage(dataset_uri)
     shards = [u if data_fs is None else schema.url_to_fs(u)[1] for u in schema.shard_uris(dataset_uri)]
@@ -234,6 +232,16 @@ def fit(
     path = result.checkpoint.path
     uri = f"{checkpoints_root.split('://', 1)[0]}://{path.lstrip('/')}" if storage_fs is not None else path
     return FitResult(run_name, uri, int(result.metrics.get("step", 0)), dict(result.metrics))
+
+
+def ensure_ray(ray_cfg: RayConfig) -> dict[str, float]:
+    """Start (local) or join (cluster) Ray once per process; returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cfg.address, num_cpus=None if ray_cfg.address else ray_cfg.num_cpus,  # a cluster refuses num_cpus
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray.cluster_resources()
 
 
 def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, checkpoints_root: str,

@@ -40,8 +40,8 @@ class Task(Protocol):
     def train_step(self, model, optimizer, scheduler, extras: dict, idx: torch.Tensor, step: int,
                    device: torch.device) -> dict[str, float]: ...
 
-    def preview(self, model, idx: torch.Tensor, device: torch.device) -> tuple[np.ndarray, str]:
-        """Images (N, 3, H, W) in [0, 1] for the logger and their grid's name."""
+    def preview(self, model, idx: torch.Tensor, device: torch.device) -> tuple[np.ndarray, str, list[str]]:
+        """Images (N, 3, H, W) in [0, 1] for the logger, their grid's name and its row labels."""
 
 
 class TokenizerTask:
@@ -85,7 +85,7 @@ class TokenizerTask:
     def preview(self, model, idx, device):
         x = self.images[idx[:PREVIEW]].to(device)
         recon, _ = tokenizer_eval_step(model, x, self._bases(idx[:PREVIEW], device))
-        return torch.cat([x, recon]).float().cpu().numpy(), "reconstructions"
+        return torch.cat([x, recon]).float().cpu().numpy(), "reconstructions", ["original", "reconstruction"]
 
 
 class GeneratorTask:
@@ -125,4 +125,4 @@ class GeneratorTask:
     def preview(self, model, idx, device):
         cond = self.labels[idx[:PREVIEW]].to(device)
         _, images = self.method.sample(unwrap(model), self.tokenizer(device), cond, SampleSettings(), self.train.seed)
-        return images.float().cpu().numpy(), "samples"
+        return images.float().cpu().numpy(), "samples", ["samples"]

@@ -79,6 +79,6 @@ class MaskGIT(GeneratorMethod):
             at = replace(settings, steps=steps)
             out = sample_row(lambda c, i: self.sample(gen, tok, c, at, seed + i)[1], classes, cfg, ev, images_uri,
                              desc=f"generated, {steps} steps")
-            rows.append({"steps": steps, "tokens": gen.cfg.seq_len} | out.metrics)
+            rows.append({"steps": steps, "tokens": gen.cfg.seq_len, "forward_passes": steps} | out.metrics)
             grid.append(out.images[:8])
         return GeneratorReport(rows, "steps", "steps", "steps", torch.cat(grid).numpy())
