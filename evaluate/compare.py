@@ -46,18 +46,19 @@ def runs_table(tracking_cfg: TrackingConfig, experiment: str, metrics: list[str]
 
 
 def plot(table: pd.DataFrame, metrics: list[str], out_png: str | Path) -> Path:
-    """One bar chart per metric, runs on the x axis."""
+    """One bar chart per metric that some run has (better direction in the title), runs on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [m for m in metrics if table[m].notna().any()]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4 * max(1, len(metrics)), 3.5), squeeze=False)
     labels = [f"{n or r[:8]}" for n, r in zip(table["run_name"], table["run_id"])]
     for ax, m in zip(axes[0], metrics):
         ax.bar(range(len(table)), table[m].astype(float), color="tab:blue")
         ax.set_xticks(range(len(table)), labels, rotation=45, ha="right", fontsize=7)
-        ax.set_title(m)
+        ax.set_title(f"{m} {BETTER.get(m, '')}".strip())
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
@@ -160,14 +161,20 @@ def latest_method_runs(tracking_cfg: TrackingConfig, experiment: str) -> list[st
     return list(newest.values())
 
 
+BETTER = {"psnr": "↑", "ssim": "↑", "rfid": "↓", "fid": "↓", "kid": "↓", "images_per_s": "↑", "codebook_usage": "↑"}
+"""The direction that is better, marked in the Markdown header."""
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub Markdown table (floats with 4 significant digits, NaN as '–')."""
+    """A GitHub Markdown table (floats with 4 significant digits, NaN as '–', better direction
+    marked in the header)."""
     def cell(v) -> str:
         if isinstance(v, float):
             return "–" if v != v else f"{v:.4g}"
         return str(v)
 
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines = ["| " + " | ".join(f"{c} {BETTER[c]}" if c in BETTER else c for c in table.columns) + " |",
+             "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
 

@@ -79,7 +79,7 @@ def image_grid(images_NCHW: np.ndarray, nrow: int | None = None, pad: int = 2) -
     return (grid * 255).round().astype(np.uint8)
 
 
-MIN_TILE = 96
+MIN_TILE = 128
 """Pixels a tile is (nearest-neighbour) upscaled to at least, so 32/64 px images read in the MLflow UI."""
 
 

@@ -120,9 +120,11 @@ def run(
     retrain: bool = typer.Option(False, "--retrain", help="Models whose data changed continue from their latest "
                                  "finished run (what the nightly-retrain deployment does)."),
 ) -> None:
-    """Run the whole pipeline, the Prefect flow `full-pipeline`: preprocess → train tokenizer →
-    evaluate → tokenize → train generator → evaluate. Finished stages are reused, interrupted
-    training resumes. Uses a temporary local Prefect API unless PREFECT_API_URL names a server."""
+    """Run the whole pipeline, the Prefect flow `full-pipeline`: preprocess once, then for every
+    tokenizer:generator pair of the config's `pairs` (or the one configured pair) train tokenizer →
+    evaluate → tokenize → train generator → evaluate, and end with the method table. Finished
+    stages are reused, interrupted training resumes, a failing pair fails alone (exit 2 naming it,
+    after the others finished). Uses a temporary local Prefect API unless PREFECT_API_URL names a server."""
     from coarse2fine.pipelines.flows import format_summary, full_pipeline
 
     paths = [str(p) for p in (config or [Path("configs/demo.yaml")])]
@@ -137,7 +139,8 @@ def run(
         raise UserError(f"flow run {state.name}: {state.message}")
     out.print(f"[bold]done in {time.time() - t0:.0f}s[/bold]")
     out.print("inspect a dataset: c2f inspect URI [--key KEY --png row.png], or duckdb/polars on URI/*.parquet", soft_wrap=True)
-    out.print(f"compare runs: c2f compare --experiment {cfg.tracking.experiment} --metric psnr --metric fid")
+    out.print(f"compare pairs: c2f compare --methods --experiment {cfg.tracking.experiment}   "
+              f"(any metric: c2f compare -e {cfg.tracking.experiment} -m psnr -m fid)", soft_wrap=True)
 
 
 @app.command()
@@ -149,7 +152,7 @@ def deploy(
                                  help="Folder the deployment's runs start in (relative config paths resolve there)."),
     name: Optional[List[str]] = typer.Option(None, "--name", help="Deploy only this deployment (repeatable)."),
 ) -> None:
-    """Create the work pool and the deployments (full-pipeline/demo, full-pipeline/nightly-retrain)
+    """Create the work pool and the deployments (full-pipeline/demo, full-pipeline/compare, full-pipeline/nightly-retrain)
     on the Prefect server named by PREFECT_API_URL; then start a worker with
     `prefect worker start --pool c2f-process` and run `prefect deployment run full-pipeline/demo`."""
     import os

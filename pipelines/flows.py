@@ -259,7 +259,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {d['dataset']:<14} {d['rows']:>7} rows  {'reused' if d['reused'] else 'built '}  {d['uri']}")
     lines.append(f"MLflow runs ({summary['tracking_uri']}, experiment {summary['experiment']}):")
     for r in summary["runs"]:
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items())
+        metrics = ", ".join(f"{k} {stages.SUMMARY_METRICS[k]} {v:.4g}" + (f" (n={r['n'][k]})" if k in r["n"] else "")
+                            for k, v in r["metrics"].items())
         lines.append(f"  {r['kind']:<10} {r.get('method', ''):<8} {r['run_id']}  "
                      f"{'trained' if r['trained'] else 'reused '}  {metrics}")
         for g in r["grids"]:

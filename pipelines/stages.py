@@ -22,7 +22,9 @@ from coarse2fine.train.losses import PERCEPTUAL_OFF
 
 
 def preprocess(cfg: Config) -> list[StageResult]:
-    """The one door into preprocessing (ingest → spectral → decomposition), for the CLI and the flow."""
+    """The one door into preprocessing (ingest → spectral → decomposition), for the CLI and the flow;
+    a storage root that cannot be written fails first, in one line."""
+    storage.check_writable(cfg.storage.root)
     return preprocess_all(cfg.data, cfg.preprocess, cfg.storage)
 
 
@@ -260,7 +262,9 @@ def evaluate(cfg: Config, run_id: str):
     return evaluate_tokenizer(cfg, run_id)
 
 
-SUMMARY_METRICS = ("psnr", "ssim", "rfid", "fid")
+SUMMARY_METRICS = {"psnr": "↑", "ssim": "↑", "rfid": "↓", "fid": "↓"}
+"""The key metrics of the end-of-flow report, with the direction that is better."""
+SAMPLE_COUNTS = {"rfid": "rfid_n", "fid": "fid_n"}
 
 
 def run_summary(cfg: Config, run_id: str) -> dict:
@@ -269,7 +273,9 @@ def run_summary(cfg: Config, run_id: str) -> dict:
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     grids = [f"{run.info.artifact_uri}/{a.path}" for a in client.list_artifacts(run_id, "eval") if a.path.endswith(".png")]
+    m = run.data.metrics
     return {"kind": kind, "run_id": run_id, "grids": grids,
-            "metrics": {k: run.data.metrics[k] for k in SUMMARY_METRICS if k in run.data.metrics}}
+            "metrics": {k: m[k] for k in SUMMARY_METRICS if k in m},
+            "n": {k: int(m[n]) for k, n in SAMPLE_COUNTS.items() if k in m and n in m}}
 
 

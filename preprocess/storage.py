@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coarse2fine import __version__
+from coarse2fine.preprocess.errors import UserError
 from coarse2fine.preprocess.schema import (  # noqa: F401  (reader side of the contract, re-exported)
     MANIFEST,
     SCHEMA_VERSION,
@@ -49,6 +50,60 @@ def fingerprint(stage: str, config: dict, inputs: Iterable[str], code: str) -> s
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_writable(root: str) -> None:
+    """Write and delete a probe file under ``root``, so that a root that cannot be used fails in
+    one line before any work (:class:`UserError` naming the root and the cause: not writable,
+    missing bucket, no credentials, unreachable). A missing local folder is created; a missing
+    bucket is not."""
+    probe = join(root, f".c2f-probe-{uuid.uuid4().hex}")
+    try:
+        fs, path = url_to_fs(probe)
+        _reach(getattr(fs, "_location", None))
+        if "file" in fs.protocol:
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(b"probe")
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - every cause becomes one line (the traceback stays chained)
+        raise UserError(f"storage.root {root} cannot be used: {_storage_cause(e, root)}") from e
+
+
+REACH_TIMEOUT_S = 5
+"""Seconds to open a connection to an object store's endpoint (its client would retry for about a minute)."""
+
+
+def _reach(endpoint: str | None) -> None:
+    """Open (and close) a TCP connection to ``endpoint`` (an object store's base URL; None = a local
+    filesystem): an unreachable store fails in seconds."""
+    if not endpoint:
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    socket.create_connection((url.hostname, port), timeout=REACH_TIMEOUT_S).close()
+
+
+def _storage_cause(e: Exception, root: str) -> str:
+    """The reason of a failed probe, in words."""
+    name = type(e).__name__
+    code = getattr(e, "code", None)
+    if name in ("DefaultCredentialsError", "RefreshError", "TransportError") or code == 401:
+        return (f"no usable cloud credentials ({name}); set GOOGLE_APPLICATION_CREDENTIALS or run "
+                "`gcloud auth application-default login`")
+    if isinstance(e, PermissionError) or code == 403:
+        return f"permission denied ({str(e).splitlines()[0] if str(e) else name})"
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return f"a part of the path is a file, not a folder ({e})"
+    if isinstance(e, FileNotFoundError) or code == 404:
+        bucket = root.split("://", 1)[1].split("/", 1)[0] if "://" in root else None
+        return f"bucket {bucket} does not exist" if bucket else f"a parent folder does not exist ({e})"
+    if isinstance(e, (OSError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+        return f"cannot reach the storage ({name}: {str(e).splitlines()[0] if str(e) else 'no answer'})"
+    return f"{name}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def dataset_uri(root: str, stage: str, fp: str) -> str:

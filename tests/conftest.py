@@ -31,3 +31,15 @@ def tiny_configs(source: str, root: str, **pre) -> tuple[DataConfig, PreprocessC
                   decomposition=DecompositionConfig(order=2, max_outer=4, cg_maxiter=100))
     params.update(pre)
     return data, PreprocessConfig(**params), StorageConfig(root=root)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

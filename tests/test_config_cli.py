@@ -38,6 +38,37 @@ def test_bad_overrides_raise_config_error(override, message):
         load_config(REPO / "configs/demo.yaml", [override])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs/overlays").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_overlay_validates_on_the_demo_config(path):
+    cfg = load_config([REPO / "configs/demo.yaml", path])
+    assert len(cfg.pair_configs()) >= 1
+
+
+def test_pairs_take_their_methods_and_overrides_and_nothing_else():
+    cfg = load_config(REPO / "configs/tiny.yaml", [
+        'pairs=[sit:ar_sit, {pair: "cq:maskgit", overrides: {tokenizer.train.max_steps: 3, generator.maskgit.size: mini}}]'])
+    (n1, sit), (n2, cq) = cfg.pair_configs()
+    assert (n1, sit.tokenizer.method, sit.generator.method, sit.tokenizer.train.max_steps) == ("sit:ar_sit", "sit", "ar_sit", 6)
+    assert (n2, cq.tokenizer.method, cq.generator.method) == ("cq:maskgit", "cq", "maskgit")
+    assert cq.tokenizer.train.max_steps == 3 and cq.generator.maskgit.size == "mini" and cq.data == cfg.data
+    assert not sit.pairs and not cq.pairs
+    plain = load_config(REPO / "configs/tiny.yaml", ["pairs=[]"])
+    assert [n for n, _ in plain.pair_configs()] == [f"{plain.tokenizer.method}:{plain.generator.method}"]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("[sit:nope]", "'sit:nope' is not tokenizer:generator with tokenizer one of sit, "),
+    ("[sit]", "'sit' is not tokenizer:generator"),
+    ("[sit:ar_sit, sit:ar_sit]", "each pair once"),
+    ('[{pair: "sit:ar_sit", overrides: {data.resolution: 16}}]', "may only change tokenizer.* and generator.*, not data.resolution"),
+    ('[{pair: "sit:ar_sit", overrides: {evaluate.max_samples: 4}}]', "not evaluate.max_samples"),
+    ('[{pair: "sit:ar_sit", overrides: {tokenizer.sit.bogus: 1}}]', "pair sit:ar_sit: tokenizer.sit.bogus: unknown key"),
+])
+def test_bad_pairs_are_one_line_errors(pairs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs/tiny.yaml", [f"pairs={pairs}"])
+
+
 def test_override_sets_nested_value():
     cfg = load_config(REPO / "configs/demo.yaml", ["preprocess.decomposition.alpha=5", "storage.root=gs://b/p"])
     assert cfg.preprocess.decomposition.alpha == 5.0 and cfg.storage.root == "gs://b/p"

@@ -69,6 +69,12 @@ def test_inception_score_formula():
     assert mean == pytest.approx(np.mean(ref), rel=1e-6) and std == pytest.approx(np.std(ref), rel=1e-6)
     # uniform predictions: IS = 1
     assert inception_score(np.zeros((50, 10)), 5)[0] == pytest.approx(1.0)
+    # by hand: confident predictions spread evenly over 4 classes, KL = log 4 for every sample, IS = 4
+    assert inception_score(np.eye(4)[np.arange(40) % 4] * 50, 2)[0] == pytest.approx(4.0, rel=1e-6)
+    # two classes, p(y|x) = (0.9, 0.1) or (0.1, 0.9) half each: p(y) = (0.5, 0.5),
+    # KL = 0.9 log 1.8 + 0.1 log 0.2, IS = exp(KL)
+    two = np.log(np.array([[0.9, 0.1], [0.1, 0.9]] * 10))
+    assert inception_score(two, 1)[0] == pytest.approx(np.exp(0.9 * np.log(1.8) + 0.1 * np.log(0.2)), rel=1e-6)
 
 
 def test_psnr_ssim_l1_agree_with_scikit_image():

@@ -65,7 +65,8 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env, 
     assert not any(r["trained"] for r in again["runs"]) and all(r["reused"] for r in again["runs"])
     printed = format_summary(again)  # what `c2f run` prints and the flow logs
     assert "built" not in printed and "trained" not in printed
-    assert all(d["uri"] in printed for d in again["datasets"]) and gen["run_id"] in printed and "fid" in printed
+    assert all(d["uri"] in printed for d in again["datasets"]) and gen["run_id"] in printed
+    assert "fid ↓" in printed and "(n=8)" in printed and "psnr ↑" in printed  # direction and sample count
 
     # a stage that raises fails the flow run with its error in the run's logs, `c2f run` says it in
     # one line and exits 2; nothing finished is lost
@@ -122,3 +123,91 @@ def test_only_transient_errors_are_retried(error, retried):
     from coarse2fine.pipelines.flows import _transient
 
     assert _transient(None, None, Failed(data=error)) is retried
+
+
+@pytest.mark.slow
+def test_flow_compares_pairs_and_a_failing_pair_fails_alone(tmp_path, prefect_env, capsys, monkeypatch):
+    """Three pairs on tiny data, one of which cannot train (CART order 3 over an order-2
+    decomposition): the other two finish and are compared, the flow run ends Failed naming the
+    pair; the fixed re-run reuses both and trains only CART (through a Prefect retry of a transient
+    error planted once); `c2f compare --methods` reads the same table back, and runs of another
+    evaluation protocol are refused."""
+    import pandas as pd
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    from coarse2fine.evaluate import compare
+    from coarse2fine.evaluate.config import TrackingConfig
+    from coarse2fine.pipelines.cli import main
+    from coarse2fine.pipelines.flows import full_pipeline
+
+    tiny = [str(REPO / "configs/tiny.yaml")]
+    broken = 'pairs=[sit:ar_sit, kl:mar, {pair: "cart:cart", overrides: {tokenizer.cart.order: 3}}]'
+    state = full_pipeline(tiny, overrides(tmp_path, broken), demo_images=12, return_state=True)
+    assert state.is_failed() and "cart:cart" in state.message and "order 2" in state.message
+    assert "sit:ar_sit" not in state.message and "kl:mar" not in state.message
+    first = state.result(raise_on_failure=False)
+    outcome = {p["pair"]: p for p in first["pairs"]}
+    assert [outcome[p]["status"] for p in ("sit:ar_sit", "kl:mar", "cart:cart")] == ["finished", "finished", "failed"]
+    assert outcome["cart:cart"]["error"].startswith("train-tokenizer[cart]:")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    comparison = mlflow.get_run(first["comparison"]["run_id"])
+    assert comparison.data.tags["c2f.kind"] == "comparison"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(comparison.info.run_id, "comparison")}
+    assert logged == {f"comparison/{f}" for f in ("methods.md", "methods.csv", "fid_vs_speed.png", "psnr_vs_tokens.png")}
+    table = pd.read_csv(next(f for f in first["comparison"]["files"] if f.endswith(".csv")))
+    assert list(table["pair"]) == ["sit:ar_sit", "kl:mar"]
+    # every cell against what the pair's own runs logged (and the shapes of the tiny config)
+    for row in table.itertuples():
+        gen = mlflow.get_run(row.generator_run)
+        tok = mlflow.get_run(gen.data.tags["c2f.tokenizer_run"])
+        assert row.tokenizer_run == tok.info.run_id and row.fid == pytest.approx(gen.data.metrics["fid"])
+        assert row.psnr == pytest.approx(tok.data.metrics["psnr"]) and row.fid_n == 8 and row.cfg == 2.0 and row.eval_batch == 16
+        assert row.generator_train_min > 0 and row.tokenizer_mparams > 0 and row.images_per_s > 0
+    sit, kl = table.iloc[0], table.iloc[1]
+    assert (sit.tokens, sit.tokens_per_image, sit.bits_per_image) == ("discrete", 12, 12 * 6)  # 3 scales × 4, K=64
+    assert sit.transformer_passes == 12 and sit.diffusion_passes == 0
+    assert (kl.tokens, kl.tokens_per_image) == ("continuous", 4 * 4 * 4) and kl.bits_per_image != kl.bits_per_image
+    assert kl.diffusion_passes == kl.transformer_passes * 4  # tiny: 4 DDIM steps per MAR step
+    assert "| sit:ar_sit | discrete | 12 | 72 |" in first["comparison"]["markdown"]
+
+    # the fixed re-run, with a transient error planted in the first tokenize call: Prefect retries it
+    from coarse2fine.pipelines import stages
+
+    real, calls = stages.tokenize, []
+
+    def flaky(cfg, run_id):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionResetError("peer reset (planted, once)")
+        return real(cfg, run_id)
+
+    monkeypatch.setattr(stages, "tokenize", flaky)
+    fixed = full_pipeline(tiny, overrides(tmp_path, "pairs=[sit:ar_sit, kl:mar, cart:cart]"), return_state=True)
+    assert fixed.is_completed() and len(calls) == 4 and calls[0] == calls[1]  # sit's tokenize ran twice
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fixed.state_details.flow_run_id])),
+                                     task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["tokenize[sit]"])))
+    assert [(r.run_count, r.state.is_completed()) for r in runs] == [(2, True)]
+    again = fixed.result()
+    trained = {r["method"]: r["trained"] for r in again["runs"]}
+    assert trained == {"sit": False, "ar_sit": False, "kl": False, "mar": False, "cart": True}
+    assert all(d["reused"] for d in again["datasets"] if d["dataset"] != "tokens")
+    assert {p["pair"] for p in again["pairs"] if p["status"] == "finished"} == {"sit:ar_sit", "kl:mar", "cart:cart"}
+
+    assert main(["compare", "--methods", "--config", tiny[0], "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                 "--set", f"storage.root={tmp_path}/store"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {p} |" in printed for p in ("sit:ar_sit", "kl:mar", "cart:cart"))
+
+    # a run evaluated under another protocol (e.g. another guidance) is refused, in one line
+    tracking_cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="tiny")
+    runs = compare.latest_method_runs(tracking_cfg, "tiny")
+    mlflow.MlflowClient().set_tag(runs[0], compare.PROTOCOL_TAG, "another-protocol")
+    with pytest.raises(ValueError, match="refusing to compare runs of different generator evaluation protocols"):
+        compare.method_table(tracking_cfg, runs)

@@ -75,3 +75,27 @@ def test_tokenizer_training_reads_and_checkpoints_on_gs(gcs, demo_folder):
     assert fsspec.filesystem("gs").exists(res.checkpoint_uri + "/state.pt")
     model = load_tokenizer(res.checkpoint_uri)
     assert model.cfg.num_scales == 3
+
+
+def test_unusable_storage_roots_fail_first_in_one_line(gcs, tmp_path, monkeypatch):
+    """A missing bucket, an unreachable store and a local root under a file each fail before any
+    work with one line naming the root and the cause; a usable root leaves nothing behind."""
+    from coarse2fine.preprocess.errors import UserError
+
+    storage.check_writable(f"{gcs}/fine")
+    assert not [p for p in fsspec.filesystem("gs").find(BUCKET) if ".c2f-probe" in p]
+    with pytest.raises(UserError, match="storage.root gs://no-such-bucket/x cannot be used: bucket no-such-bucket does not exist"):
+        storage.check_writable("gs://no-such-bucket/x")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a part of the path is a file"):
+        storage.check_writable(str(tmp_path / "a-file" / "store"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{closed}")
+    fsspec.filesystem("gs").clear_instance_cache()
+    try:
+        with pytest.raises(UserError, match=r"cannot be used: cannot reach the storage \(ConnectionRefusedError"):
+            storage.check_writable(f"{gcs}/x")
+    finally:
+        fsspec.filesystem("gs").clear_instance_cache()

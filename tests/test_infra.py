@@ -111,7 +111,7 @@ def test_prefect_deployments_name_the_flow_its_parameters_and_the_pool():
 
     spec = _load("prefect.yaml")
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert {"demo", "nightly-retrain"} <= set(deployments)
+    assert {"demo", "compare", "nightly-retrain"} <= set(deployments)
     for name, d in deployments.items():
         module, attr = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(module), attr)
@@ -125,6 +125,9 @@ def test_prefect_deployments_name_the_flow_its_parameters_and_the_pool():
         for schedule in d.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
     assert deployments["nightly-retrain"]["parameters"]["retrain"] is True
+    compare = load_config([REPO / c for c in deployments["compare"]["parameters"]["config"]])
+    assert {"sit:ar_sit", "cq:maskgit", "cart:cart", "kl:far", "vit_vq:ar_sit", "vqgan:maskgit", "kl:mar"} == {
+        name for name, _ in compare.pair_configs()}
     assert [s["cron"] for s in deployments["nightly-retrain"]["schedules"]] == ["0 2 * * *"]
 
 

@@ -167,3 +167,33 @@ def test_sit_accepts_inputs_of_its_resolution_over_powers_of_two(side, ok):
     else:
         with pytest.raises(UnsupportedError, match=f"{side}px image"):
             sit.check_input_side(cfg, side)
+
+
+@pytest.mark.parametrize("pair, steps", [("sit:ar_sit", None), ("cq:maskgit", None), ("cq:maskgit", 3),
+                                         ("cart:cart", None), ("kl:mar", 5), ("kl:far", None)])
+def test_reported_forward_passes_are_the_passes_sampling_runs(pair, steps):
+    """What evaluation reports per image (``passes``) against forward calls counted with hooks
+    during one guided sampling call: the first attention block once per transformer pass, the
+    diffusion MLP once per diffusion pass."""
+    from coarse2fine.train.methods.base import SampleSettings
+
+    tok_name, gen_name = pair.split(":")
+    tok_m, tok = tiny_tokenizer(tok_name)
+    gen_m = methods.generator(gen_name)
+    layout = [dataclasses.replace(c, scale=1.0) for c in tok_m.layout(tok.cfg)]
+    params = {"diffusion_steps": 3} if gen_name in ("mar", "far") else {}
+    gen = gen_m.build(gen_m.model_config(gen_m.params(size="tiny", **params), layout, 3)).eval()
+    settings = SampleSettings(guidance=2.0, steps=steps)
+    counts = {"forward_passes": 0, "diffusion_passes": 0}
+
+    def counter(key):
+        def hook(*_):
+            counts[key] += 1
+        return hook
+
+    first_block = gen.encoder[0] if gen_name in ("mar", "far") else gen.blocks[0]
+    first_block.register_forward_hook(counter("forward_passes"))
+    if gen_name in ("mar", "far"):
+        gen.head.net.register_forward_hook(counter("diffusion_passes"))
+    gen_m.sample(gen, tok, torch.tensor([0, 2]), settings, seed=0)
+    assert counts == gen_m.passes(gen.cfg, settings) and counts["forward_passes"] > 1

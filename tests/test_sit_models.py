@@ -93,6 +93,48 @@ def test_entropy_terms_have_the_right_sign():
     assert 0 <= terms["codebook_entropy"] <= np.log(16) + 1e-5
 
 
+@pytest.mark.parametrize("num_codebooks, groups", [(1, 1), (1, 3), (3, 3)])
+def test_nearest_code_is_the_brute_force_argmin_of_unit_vectors(num_codebooks, groups):
+    """Each index is the argmin over codes of ‖ẑ − ê_k‖ (unit vectors: ẑ the l2-normalised
+    projection, ê_k the l2-normalised codebook of the token's group), by a loop over tokens; a
+    farthest-code search or a wrong group's codebook fails it."""
+    torch.manual_seed(1)
+    vq = FactorizedVQ(dim=12, codebook_size=24, code_dim=6, num_codebooks=num_codebooks)
+    z = torch.randn(3, groups, 7, 12)
+    _, idx, _ = vq(z)
+    with torch.no_grad():
+        z_hat = torch.nn.functional.normalize(vq.proj_in(z) if num_codebooks > 1 else
+                                              vq.proj_in(z.reshape(3, 1, groups * 7, 12)).reshape(3, groups, 7, -1), dim=-1)
+        for b, g, n in np.ndindex(3, groups, 7):
+            codes = torch.nn.functional.normalize(vq.codebook[g if num_codebooks > 1 else 0], dim=-1)  # (K, d)
+            expected = int(((z_hat[b, g, n] - codes) ** 2).sum(-1).argmin())
+            assert idx[b, g, n] == expected, (b, g, n)
+
+
+def test_entropy_terms_equal_a_direct_computation():
+    """Per-token entropy (mean over tokens) and codebook entropy (entropy of the assignment
+    averaged over batch and tokens, per codebook, then averaged over codebooks), computed directly
+    from d_k = softmax(−‖ẑ − ê_k‖² / τ) with explicit loops; a wrongly averaged term fails it."""
+    torch.manual_seed(2)
+    vq = FactorizedVQ(dim=5, codebook_size=4, code_dim=3, num_codebooks=2, entropy_temperature=0.5)
+    z = torch.randn(2, 2, 3, 5)
+    _, _, _, terms = vq(z, return_terms=True)
+    with torch.no_grad():
+        z_hat = torch.nn.functional.normalize(vq.proj_in(z), dim=-1)
+        token_h, code_h = [], []
+        for g in range(2):
+            codes = torch.nn.functional.normalize(vq.codebook[g], dim=-1)
+            avg = torch.zeros(4, dtype=torch.float64)
+            for b, n in np.ndindex(2, 3):
+                d = torch.tensor([-float(((z_hat[b, g, n] - codes[k]) ** 2).sum()) / 0.5 for k in range(4)],
+                                 dtype=torch.float64).softmax(0)
+                token_h.append(float(-(d * d.log()).sum()))
+                avg += d / 6
+            code_h.append(float(-(avg * avg.log()).sum()))
+    assert float(terms["token_entropy"]) == pytest.approx(np.mean(token_h), rel=1e-5)
+    assert float(terms["codebook_entropy"]) == pytest.approx(np.mean(code_h), rel=1e-5)
+
+
 def test_partial_decoding_is_the_coarse_image():
     m = model()
     idx = torch.randint(0, 64, (2, 3, 4))

@@ -28,6 +28,29 @@ def test_image_grid_tiles_images():
     assert (grid[1:5, 11:15] == 255).all() and (grid[1:5, 1:5] == 0).all()
 
 
+def test_labelled_grid_upscales_tiles_and_labels_each_row():
+    """Tiles are the inputs repeated k×k (an independent nearest upscale via np.kron), one row per
+    label, each label drawn (dark pixels) in the margin beside its own row only."""
+    rng = np.random.default_rng(0)
+    imgs = rng.random((6, 3, 32, 32))
+    grid = tracking.labelled_grid(imgs, ["original", "reconstruction"], pad=2)
+    k = -(-tracking.MIN_TILE // 32)
+    tile = 32 * k
+    margin = grid.shape[1] - (3 * (tile + 2) + 2)
+    assert grid.shape[0] == 2 * (tile + 2) + 2 and margin > 0
+    for i, img in enumerate(imgs):
+        r, q = divmod(i, 3)
+        y, x = 2 + r * (tile + 2), margin + 2 + q * (tile + 2)
+        expected = np.kron(img.transpose(1, 2, 0), np.ones((k, k, 1)))
+        np.testing.assert_allclose(grid[y:y + tile, x:x + tile] / 255, expected, atol=0.5 / 255 + 1e-9)
+    dark = (grid[:, :margin] < 128).all(axis=-1)  # label text
+    rows = [dark[2 + r * (tile + 2): 2 + r * (tile + 2) + tile].sum() for r in range(2)]
+    assert all(n > 20 for n in rows) and dark.sum() == sum(rows)
+    assert dark[: 2 + tile].sum() < dark[2 + tile:].sum()  # "reconstruction" is the longer word
+    with pytest.raises(AssertionError, match="do not split into 4 labelled rows"):
+        tracking.labelled_grid(imgs, ["a", "b", "c", "d"])
+
+
 def test_logged_evaluation_is_read_back_by_compare(tmp_path, capsys):
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp-a")
     ids = {}

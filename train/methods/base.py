@@ -186,6 +186,12 @@ class GeneratorMethod(Method):
         """Token sequences (B, L') and images (B, 3, r, r) in [0, 1]."""
 
     @abstractmethod
+    def passes(self, model_cfg, settings) -> dict[str, int]:
+        """Forward passes per image of one :meth:`sample` call with ``settings``: the transformer's
+        (``forward_passes``; each may carry many tokens, and CFG doubles the batch, not the passes) and
+        the diffusion head's (``diffusion_passes``, 0 for discrete tokens). Evaluation reports them."""
+
+    @abstractmethod
     def evaluate(self, pair, images_uri: str, cfg, settings, num_samples: int, seed: int):
         """The method's ``GeneratorReport`` (FID etc.) of a loaded ``checkpoints.Pair``, logged by
         ``pipelines/stages.py``."""

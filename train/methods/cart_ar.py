@@ -87,6 +87,10 @@ class CARTAR(GeneratorMethod):
                 x = tokenizer.map_input(f_hat, m + 1)  # (B, s_{m+1}², C)
         return torch.cat(maps, dim=1), tokenizer.decode(f_hat).clamp(0, 1)
 
+    def passes(self, model_cfg, settings):
+        """One KV-cached pass per map (all its tokens at once, as VAR)."""
+        return {"forward_passes": len(model_cfg.map_sides), "diffusion_passes": 0}
+
     def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """CART Table 4 in miniature: FID/KID and images/s of full sequences (one row)."""
         from coarse2fine.evaluate.fid import Evaluator
@@ -97,6 +101,5 @@ class CARTAR(GeneratorMethod):
         self.sample(gen, tok, classes[:1], settings, seed)  # warm-up: one-off initialisation is not throughput
         out = sample_row(lambda c, i: self.sample(gen, tok, c, settings, seed + i)[1], classes, cfg, Evaluator(cfg),
                          images_uri, desc=f"generated, {len(gen.cfg.map_sides)} maps")
-        row = {"maps": len(gen.cfg.map_sides), "tokens": gen.cfg.seq_len,
-               "forward_passes": len(gen.cfg.map_sides)} | out.metrics
+        row = {"maps": len(gen.cfg.map_sides), "tokens": gen.cfg.seq_len} | self.passes(gen.cfg, settings) | out.metrics
         return GeneratorReport([row], "maps", "maps", "maps", out.images[:8].numpy())

@@ -80,10 +80,11 @@ class MAR(GeneratorMethod):
                                   settings.guidance, settings.temperature, g)
         return self.decode(tokenizer, x, generator.cfg)
 
-    def passes(self, cfg, steps: int) -> dict[str, int]:
-        """Forward passes per image: the transformer once per step, the diffusion head
-        ``diffusion_steps`` times per step (on the tokens revealed at that step)."""
-        return {"forward_passes": steps, "diffusion_passes": steps * cfg.diffusion_steps}
+    def passes(self, model_cfg, settings):
+        """The transformer once per step, the diffusion head ``diffusion_steps`` times per step (on
+        the tokens revealed at that step)."""
+        steps = self.steps(model_cfg, settings)
+        return {"forward_passes": steps, "diffusion_passes": steps * model_cfg.diffusion_steps}
 
     def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """FID/KID, images/s and forward passes at MAR's default steps and at FAR's order (8)."""
@@ -104,7 +105,7 @@ class MAR(GeneratorMethod):
             out = sample_row(lambda c, i: self.sample(gen, tok, c, at, seed + i)[1], classes, cfg, ev, images_uri,
                              desc=f"generated, {n} steps")
             rows.append({"steps": n, "latent_floats": gen.cfg.seq_len * gen.cfg.token_dim}
-                        | self.passes(gen.cfg, n) | out.metrics)
+                        | self.passes(gen.cfg, at) | out.metrics)
             grid.append(out.images[:8])
         return GeneratorReport(rows, "steps", "steps", "steps", torch.cat(grid).numpy())
 

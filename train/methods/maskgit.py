@@ -62,6 +62,10 @@ class MaskGIT(GeneratorMethod):
             images = tokenizer.decode_indices(ids).clamp(0, 1)
         return ids, images
 
+    def passes(self, model_cfg, settings):
+        """One bidirectional pass per decoding step."""
+        return {"forward_passes": min(settings.steps or DEFAULT_STEPS, model_cfg.seq_len), "diffusion_passes": 0}
+
     def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """CQ Table 7 in miniature: FID/KID and images/s at the default and at one-token-per-step
         decoding (10 vs 64 steps in the seed, where the sequence has 64+ tokens)."""
@@ -79,6 +83,6 @@ class MaskGIT(GeneratorMethod):
             at = replace(settings, steps=steps)
             out = sample_row(lambda c, i: self.sample(gen, tok, c, at, seed + i)[1], classes, cfg, ev, images_uri,
                              desc=f"generated, {steps} steps")
-            rows.append({"steps": steps, "tokens": gen.cfg.seq_len, "forward_passes": steps} | out.metrics)
+            rows.append({"steps": steps, "tokens": gen.cfg.seq_len} | self.passes(gen.cfg, at) | out.metrics)
             grid.append(out.images[:8])
         return GeneratorReport(rows, "steps", "steps", "steps", torch.cat(grid).numpy())
