@@ -208,6 +208,7 @@ def method_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         for _, row in table.iterrows():
             ax.annotate(row["pair"], (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.15)  # room for the pair labels
         ax.set_xlabel(xlabel + (" →" if x == "images_per_s" else ""))
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

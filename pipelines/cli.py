@@ -422,6 +422,15 @@ def edit(
     out.print(f"wrote {res['grid']} (kept {res['keep_scales']} scale(s))")
 
 
+class RunNameFormatter(logging.Formatter):
+    """Prefixes a Prefect record with its task (or flow) run's name: ``train-tokenizer[sit]: …``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f"{name}: " if name else ""
+        return super().format(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app and turn user errors (:class:`UserError`, a missing
     file) into one line + exit 2; any other exception is a bug and keeps its traceback."""
@@ -430,10 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's ephemeral server phones home for telemetry; offline that is an ERROR line per run.
     # Off unless the user asks for it (set PREFECT_SERVER_ANALYTICS_ENABLED=true).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    handler = RichHandler(console=console, show_path=False)
+    # a terminal gets Rich's columns; a log file or pipe plain unwrapped lines, and progress bars
+    # that redraw every 30 s instead of every 0.1 s (each redraw is a carriage return, not a line)
+    tty = console.is_terminal
+    handler = RichHandler(console=console, show_path=False) if tty else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RunNameFormatter("%(run)s%(message)s" if tty else "%(asctime)s %(levelname)-7s %(run)s%(message)s"))
+    if not tty:
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     # Beam's GCP io module warns about optional BigQuery clients on import (root logger)
     handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call at INFO

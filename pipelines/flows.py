@@ -1,16 +1,17 @@
-"""The Prefect flow ``full-pipeline``: preprocess → train tokenizer → evaluate it → tokenize →
-train generator → evaluate it.
+"""The Prefect flow ``full-pipeline``: preprocess once, then per tokenizer:generator pair train
+the tokenizer → evaluate it → tokenize → train the generator → evaluate it, and end with the
+side-by-side method table.
 
 Each task is a few lines around a plain function of ``pipelines.stages`` and returns URIs, run ids
 and metrics, never arrays. Every stage is fingerprinted by its config, inputs and code, so a
 re-run reuses what is complete (each task logs "reused …") and a crashed or failed run resumes:
 datasets without a manifest are rebuilt, paused or killed training runs continue from their last
 checkpoint in the same MLflow run. Tasks retry only on transient errors (I/O, network, Ray worker
-loss); a user error (bad config, missing data) fails the flow run at once with its message.
+loss); a user error (bad config, missing data) fails its pair at once with its message.
 
-The method is a config choice (``tokenizer.method``, ``generator.method``), not a different flow.
-Deployments (``infra/prefect.yaml``, ``c2f deploy``) run this flow by module path, so workers use
-the installed package.
+The methods are a config choice (``pairs``, or ``tokenizer.method`` and ``generator.method``), not
+different flows. Deployments (``infra/prefect.yaml``, ``c2f deploy``) run this flow by module path,
+so workers use the installed package.
 """
 
 from __future__ import annotations

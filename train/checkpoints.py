@@ -50,8 +50,7 @@ def newest_state(run_uri: str, device: str | torch.device = "cpu", newer_than: s
     fs, path = fsspec.core.url_to_fs(run_uri)
     if not fs.exists(path):
         return None
-    folders = sorted(p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
-    for folder in reversed(folders):
+    for folder in reversed(_checkpoint_folders(fs, path)):
         if posixpath.basename(folder.rstrip("/")) == newer_than:
             return None
         if fs.exists(posixpath.join(folder, CHECKPOINT_FILE)):
@@ -61,6 +60,24 @@ def newest_state(run_uri: str, device: str | torch.device = "cpu", newer_than: s
             except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError):  # cut mid-write
                 continue
     return None
+
+
+def _checkpoint_folders(fs, path: str) -> list[str]:
+    return sorted(p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
+
+
+def prune(run_uri: str, keep: list[str]) -> list[str]:
+    """Delete the checkpoint folders of a finished Ray Train invocation that Ray no longer lists
+    (``keep``: the folders it does, by name): after a kill -9 and a resume, Ray's retention
+    (``num_to_keep``) does not know the folders the killed invocation wrote, nor one cut
+    mid-write. Returns the deleted folder names."""
+    fs, path = fsspec.core.url_to_fs(run_uri)
+    names = {posixpath.basename(k.rstrip("/")) for k in keep}
+    assert names, "Ray lists no checkpoint: nothing may be deleted"
+    stray = [f for f in _checkpoint_folders(fs, path) if posixpath.basename(f.rstrip("/")) not in names]
+    for folder in stray:
+        fs.rm(folder, recursive=True)
+    return [posixpath.basename(f.rstrip("/")) for f in stray]
 
 
 def resume(stateful: dict[str, Any], state: dict) -> int:

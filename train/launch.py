@@ -230,6 +230,8 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     path = result.checkpoint.path
+    listed = [c.path for c, _ in result.best_checkpoints or []] or [path]
+    checkpoints.prune(schema.join(checkpoints_root, run_name), listed)  # folders Ray's retention does not know
     uri = f"{checkpoints_root.split('://', 1)[0]}://{path.lstrip('/')}" if storage_fs is not None else path
     return FitResult(run_name, uri, int(result.metrics.get("step", 0)), dict(result.metrics))
 
