@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     # Beam's GCP io module warns about optional BigQuery clients on import (root logger)
     handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
+    handler.addFilter(lambda record: not getattr(record, "c2f_summary", False))  # `c2f run` prints it once
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -33,6 +33,9 @@ from coarse2fine.preprocess import storage
 
 RETRIES = 2
 RETRY_DELAY_S = 10
+SUMMARY = {"c2f_summary": True}
+"""Marks the log records holding the end-of-run report (``extra=SUMMARY``): the Prefect UI shows
+them, ``c2f run`` prints the report itself on stdout and leaves them out of its console."""
 
 
 def _transient(task_, task_run, state) -> bool:
@@ -128,7 +131,7 @@ def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
     from coarse2fine.evaluate import compare
 
     res = compare.compare_methods(cfg.tracking, list(generator_runs.values()), storage.join(cfg.storage.root, "comparison"))
-    get_run_logger().info("comparison (MLflow run %s)\n%s", res.run_id, res.markdown)
+    get_run_logger().info("comparison (MLflow run %s)\n%s", res.run_id, res.markdown, extra=SUMMARY)
     return {"run_id": res.run_id, "markdown": res.markdown, "files": res.files}
 
 
@@ -246,7 +249,7 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
     if finished:
         summary["comparison"] = compare_task(cfg, {p["pair"]: p["generator_run"] for p in summary["pairs"]
                                                    if p["status"] == "finished"})
-    log.info("summary\n%s", format_summary(summary))
+    log.info("summary\n%s", format_summary(summary), extra=SUMMARY)
     failed = {name: e for name, e in errors.items() if e}
     if failed:
         return Failed(message="; ".join(f"pair {name} failed at {e}" for name, e in failed.items()), data=summary)
