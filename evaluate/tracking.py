@@ -83,9 +83,11 @@ MIN_TILE = 128
 """Pixels a tile is (nearest-neighbour) upscaled to at least, so 32/64 px images read in the MLflow UI."""
 
 
-def labelled_grid(images_NCHW: np.ndarray, row_labels: list[str], pad: int = 2) -> np.ndarray:
+def labelled_grid(images_NCHW: np.ndarray, row_labels: list[str], pad: int = 2, numbered: bool = False) -> np.ndarray:
     """One row of images per label (``len(images) / len(row_labels)`` each), tiles upscaled to at
-    least :data:`MIN_TILE` px, each row's label written in a margin on its left."""
+    least :data:`MIN_TILE` px, each row's label written in a margin on its left; ``numbered``
+    writes each tile's index (0, 1, … in reading order: what ``c2f refine --select`` takes) on a
+    black box in its top-left corner."""
     from PIL import Image, ImageDraw, ImageFont
 
     images_NCHW = np.asarray(images_NCHW)
@@ -101,6 +103,12 @@ def labelled_grid(images_NCHW: np.ndarray, row_labels: list[str], pad: int = 2) 
     draw, tile = ImageDraw.Draw(canvas), big.shape[-2] + pad
     for r, text in enumerate(row_labels):
         draw.text((4, pad + r * tile + tile // 2), text, fill="black", font=font, anchor="lm")
+    for i in range(n) if numbered else []:
+        r, q = divmod(i, n // rows)
+        x, y = margin + pad + q * tile, pad + r * tile
+        box = draw.textbbox((x + 3, y + 2), str(i), font=font)
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill="black")
+        draw.text((x + 3, y + 2), str(i), fill="white", font=font)
     return np.asarray(canvas)
 
 

@@ -55,11 +55,12 @@ def class_id(label: str | None, classes: list[str], null_class: int) -> int:
     raise UserKeyError(f"unknown class {label!r}; known: {', '.join(classes) or 'none (unconditional model)'}")
 
 
-def _save_grid(images_NCHW, out: str, run_id: str, row_labels: list[str]) -> None:
-    """Write a PNG grid (one labelled row per label) to ``out`` and log it to the run under ``samples/``."""
+def _save_grid(images_NCHW, out: str, run_id: str, row_labels: list[str], numbered: bool = False) -> None:
+    """Write a PNG grid (one labelled row per label, tiles numbered if asked) to ``out`` and log it
+    to the run under ``samples/``."""
     from PIL import Image
 
-    Image.fromarray(tracking.labelled_grid(images_NCHW, row_labels)).save(out)
+    Image.fromarray(tracking.labelled_grid(images_NCHW, row_labels, numbered=numbered)).save(out)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(out, "samples")
 
@@ -69,7 +70,7 @@ def _save_samples(ids, cond, images, run_id: str, seed: int, out: str) -> dict:
     both logged to the generator's run under ``samples/``."""
     tokens_file = f"{out}.tokens.npz"
     np.savez(tokens_file, ids=ids.cpu().numpy(), classes=cond.cpu().numpy(), run_id=run_id, seed=seed)
-    _save_grid(images.float().cpu().numpy(), out, run_id, [f"samples, {images.shape[-1]}px"])
+    _save_grid(images.float().cpu().numpy(), out, run_id, [f"samples, {images.shape[-1]}px"], numbered=True)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(tokens_file, "samples")
     return {"grid": out, "tokens": tokens_file, "resolution": images.shape[-1], "num_tokens": ids.shape[1]}
@@ -130,10 +131,14 @@ def upsample(cfg: Config, run_id: str, images: list[str], label: str | None, see
     pair = run.pair
     pair.require("upsample")
     low = _read_images(images, None).to(run.device)
+    R = pair.tokenizer.cfg.resolution
+    if low.shape[-1] >= R:
+        raise UserValueError(f"upsample takes images smaller than the model's {R}px (R/2, R/4, …), got "
+                             f"{low.shape[-1]}px; make one with e.g. PIL: Image.open(p).resize(({R // 2}, {R // 2}), "
+                             f"Image.Resampling.BOX)")
     pair.tok_method.check_input_side(pair.tokenizer.cfg, low.shape[-1])
     cond = run.condition(label, len(low))
     _, up = pair.method.upsample(pair.generator, pair.tokenizer, low, cond, sample_settings(cfg, **settings), seed)
-    R = up.shape[-1]
     grid = torch.cat([F.interpolate(low, size=(R, R), mode="nearest"), up]).float().cpu().numpy()
     _save_grid(grid, out, run_id, [f"input {low.shape[-1]}px", f"upsampled {R}px"])
     return {"grid": out, "input_resolution": low.shape[-1], "resolution": R}

@@ -129,6 +129,11 @@ def run(
 
     paths = [str(p) for p in (config or [Path("configs/demo.yaml")])]
     cfg = _config([Path(p) for p in paths], set_)  # fail fast, with one line, before Prefect starts
+    cfg.pair_configs()
+    keys = {o.split("=", 1)[0].strip() for o in set_ or []}
+    if cfg.pairs and keys & {"tokenizer.method", "generator.method"} and "pairs" not in keys:
+        raise UserError(f"the config lists pairs ({', '.join(p.pair for p in cfg.pairs)}), which the flow runs instead "
+                        f"of tokenizer.method / generator.method; for one pair: --set 'pairs=[TOKENIZER:GENERATOR]'")
     t0 = time.time()
     state = full_pipeline(config=paths, overrides=set_ or [], demo_images=demo_images, retrain=retrain,
                           return_state=True)
@@ -464,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("aborted")
         return 130
     except (UserError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one line, however long
         return 2
     return 0
 

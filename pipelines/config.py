@@ -88,12 +88,13 @@ class Config(Section):
         names = [p.pair for p in self.pairs]
         if len(set(names)) != len(names):
             raise ValueError(f"pairs: each pair once, got {', '.join(names)}")
-        self.pair_configs()  # every pair's config is valid before anything runs
         return self
 
     def pair_configs(self) -> list[tuple[str, "Config"]]:
         """``(tokenizer:generator, its config)`` per pair: this config with the pair's methods and
-        overrides (and no pairs of its own)."""
+        overrides (and no pairs of its own). Validated here, by what runs the pairs (the flow and
+        ``c2f run`` before it starts), not on every load: a single-stage command with, say,
+        another resolution must not fail over a pair it does not run. :class:`ConfigError`."""
         if not self.pairs:
             return [(f"{self.tokenizer.method}:{self.generator.method}", self)]
         out = []
@@ -106,7 +107,7 @@ class Config(Section):
             try:
                 out.append((p.pair, Config.model_validate(tree)))
             except ValidationError as e:
-                raise ValueError(f"pair {p.pair}: {_one_line(e)}") from None
+                raise ConfigError(f"pair {p.pair}: {_one_line(e)}") from None
         return out
 
 

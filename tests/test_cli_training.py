@@ -193,6 +193,9 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
         crop.save(tmp_path / "full.png")
         assert main(["upsample", "--run", run_id, "--image", str(tmp_path / "low.png"),
                      "--out", str(tmp_path / "up.png"), *sets(tmp_path)]) == 0
+        assert main(["upsample", "--run", run_id, "--image", str(tmp_path / "full.png"),  # 32 → 32 is no upsampling
+                     "--out", str(tmp_path / "up2.png"), *sets(tmp_path)]) == 2
+        assert "upsample takes images smaller than the model's 32px" in capsys.readouterr().err
         assert main(["edit", "--run", run_id, "--image", str(tmp_path / "full.png"), "--keep-scales", "1",
                      "--class", "1", "--out", str(tmp_path / "ed.png"), *sets(tmp_path)]) == 0
         assert main(["generate", "--run", run_id, "--class", "no-such-class", *sets(tmp_path)]) == 2

@@ -65,8 +65,25 @@ def test_pairs_take_their_methods_and_overrides_and_nothing_else():
     ('[{pair: "sit:ar_sit", overrides: {tokenizer.sit.bogus: 1}}]', "pair sit:ar_sit: tokenizer.sit.bogus: unknown key"),
 ])
 def test_bad_pairs_are_one_line_errors(pairs, message):
+    """Syntax, methods and override sections when the config loads; each pair's own config when
+    the pairs are run (`pair_configs`, which the flow and `c2f run` call first)."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(REPO / "configs/tiny.yaml", [f"pairs={pairs}"])
+        load_config(REPO / "configs/tiny.yaml", [f"pairs={pairs}"]).pair_configs()
+
+
+def test_a_pair_invalid_at_another_resolution_does_not_block_single_stages():
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.resolution=32", "preprocess.levels=2"])
+    with pytest.raises(ConfigError, match="pair cart:cart: .*the last base scale must be the latent side 4"):
+        cfg.pair_configs()
+    assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--set", "data.resolution=32",
+                 "--set", "preprocess.levels=2"]) == 2  # before Prefect starts
+
+
+def test_run_refuses_a_method_override_the_pairs_would_ignore(capsys):
+    """demo.yaml lists pairs: `--set tokenizer.method=cq` alone would silently run the four pairs."""
+    assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--set", "tokenizer.method=cq"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the config lists pairs" in err and "for one pair: --set 'pairs=[TOKENIZER:GENERATOR]'\n" in err  # one line
 
 
 def test_override_sets_nested_value():

@@ -47,6 +47,16 @@ def test_labelled_grid_upscales_tiles_and_labels_each_row():
     rows = [dark[2 + r * (tile + 2): 2 + r * (tile + 2) + tile].sum() for r in range(2)]
     assert all(n > 20 for n in rows) and dark.sum() == sum(rows)
     assert dark[: 2 + tile].sum() < dark[2 + tile:].sum()  # "reconstruction" is the longer word
+    # numbered tiles (what `c2f refine --select` counts): a black box with white digits in each
+    # tile's top-left corner, the rest of the tile untouched
+    white = np.ones((4, 3, 32, 32))
+    numbered = tracking.labelled_grid(white, ["samples"], pad=2, numbered=True)
+    m = numbered.shape[1] - (4 * (tile + 2) + 2)
+    for i in range(4):
+        corner = numbered[2:16, m + 2 + i * (tile + 2): m + 2 + i * (tile + 2) + 12]
+        assert (corner == 0).all(axis=-1).any() and (corner == 255).all(axis=-1).any(), i
+        assert (numbered[40:2 + tile, m + 2 + i * (tile + 2) + 20: m + i * (tile + 2) + tile] == 255).all()
+    assert (tracking.labelled_grid(white, ["samples"], pad=2)[2:16, m + 2: m + 14] == 255).all()
     with pytest.raises(AssertionError, match="do not split into 4 labelled rows"):
         tracking.labelled_grid(imgs, ["a", "b", "c", "d"])
 
