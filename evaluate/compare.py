@@ -4,6 +4,7 @@ the side-by-side table of tokenizer:generator pairs (``c2f compare --methods``, 
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from coarse2fine.preprocess.errors import UserKeyError, UserValueError
 
 COMPARISON_TAG = "c2f.kind"
 PROTOCOL_TAG = "c2f.eval_protocol"
+COMPARISON_FP_TAG = "c2f.comparison_fingerprint"  # the runs and evaluations a comparison run compared
 
 
 def runs_table(tracking_cfg: TrackingConfig, experiment: str, metrics: list[str]) -> pd.DataFrame:
@@ -110,6 +112,7 @@ class MethodComparison:
     markdown: str
     files: list[str]  # the Markdown, CSV and plots, where they were written
     run_id: str  # the ``comparison`` MLflow run holding them
+    reused: bool  # the same runs with the same evaluations were compared before: that run is returned
 
 
 def method_table(tracking_cfg: TrackingConfig, generator_runs: list[str]) -> pd.DataFrame:
@@ -221,21 +224,36 @@ def method_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 def compare_methods(tracking_cfg: TrackingConfig, generator_runs: list[str], out_root: str) -> MethodComparison:
     """The method table of ``generator_runs`` as Markdown, CSV and two plots, written under
-    ``out_root/{fingerprint of the runs}/`` and logged to a new ``comparison`` MLflow run."""
+    ``out_root/{fingerprint}/`` and logged to a new ``comparison`` MLflow run — or that run, reused,
+    when the same runs with the same evaluations (the fingerprint) were compared before."""
+    import sys
+
     table = method_table(tracking_cfg, generator_runs)
     markdown = to_markdown(table.drop(columns=["machine", "tokenizer_run", "generator_run"])) + "\n\n" + _footnote(table)
-    uri = storage.join(out_root, storage.fingerprint("comparison", {}, sorted(generator_runs), ""))
+    client = mlflow.MlflowClient()
+    evaluated = [f"{r}:{client.get_run(r).data.tags.get('c2f.evaluated')}"
+                 for r in [*table["generator_run"], *table["tokenizer_run"]]]
+    fp = storage.fingerprint("comparison", {}, evaluated, storage.code_version(sys.modules[__name__]))
+    uri = storage.join(out_root, fp)
+    files = [storage.join(uri, name) for name in ("methods.md", "methods.csv", "fid_vs_speed.png", "psnr_vs_tokens.png")]
+    tracking.configure(tracking_cfg)
+    done = mlflow.search_runs(experiment_names=[tracking_cfg.experiment], output_format="list", max_results=1,
+                              filter_string=f"tags.`{COMPARISON_FP_TAG}` = '{fp}'")
+    if done and all(storage.url_to_fs(f)[0].exists(storage.url_to_fs(f)[1]) for f in files):
+        return MethodComparison(table, markdown, files, done[0].info.run_id, True)
     fs, path = storage.url_to_fs(uri)
     fs.makedirs(path, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp)
         (local / "methods.md").write_text(markdown + "\n")
         table.to_csv(local / "methods.csv", index=False)
-        files = [local / "methods.md", local / "methods.csv", *method_plots(table, local)]
-        with tracking.run(tracking_cfg, run_name="compare-methods", tags={COMPARISON_TAG: "comparison"}) as active:
+        local_files = [local / "methods.md", local / "methods.csv", *method_plots(table, local)]
+        assert [f.name for f in local_files] == [posixpath.basename(f) for f in files]
+        with tracking.run(tracking_cfg, run_name="compare-methods",
+                          tags={COMPARISON_TAG: "comparison", COMPARISON_FP_TAG: fp}) as active:
             mlflow.log_param("pairs", ", ".join(table["pair"]))
-            for f in files:
+            for f in local_files:
                 mlflow.log_artifact(str(f), "comparison")
-        for f in files:
+        for f in local_files:
             fs.put_file(str(f), f"{path}/{f.name}")
-    return MethodComparison(table, markdown, [storage.join(uri, f.name) for f in files], active.info.run_id)
+    return MethodComparison(table, markdown, files, active.info.run_id, False)

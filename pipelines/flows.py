@@ -131,8 +131,9 @@ def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
     from coarse2fine.evaluate import compare
 
     res = compare.compare_methods(cfg.tracking, list(generator_runs.values()), storage.join(cfg.storage.root, "comparison"))
-    get_run_logger().info("comparison (MLflow run %s)\n%s", res.run_id, res.markdown, extra=SUMMARY)
-    return {"run_id": res.run_id, "markdown": res.markdown, "files": res.files}
+    get_run_logger().info("comparison: %s MLflow run %s\n%s", "reused" if res.reused else "logged", res.run_id,
+                          res.markdown, extra=SUMMARY)
+    return {"run_id": res.run_id, "markdown": res.markdown, "files": res.files, "reused": res.reused}
 
 
 def pairs_at_once(pairs: list[tuple[str, Config]]) -> int:

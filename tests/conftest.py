@@ -43,3 +43,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_sample_grid(png, tiles: int, side: int) -> None:
+    """A ``c2f generate`` grid: one labelled row of ``tiles`` images of ``side`` px, each
+    nearest-upscaled by an integer factor to at least ``MIN_TILE`` px, 2 px apart, a label margin
+    on the left (under 200 px)."""
+    from PIL import Image
+
+    from coarse2fine.evaluate.tracking import MIN_TILE
+
+    tile = side * -(-MIN_TILE // side)
+    w, h = Image.open(png).size
+    assert h == tile + 2 * 2 and tiles * (tile + 2) + 2 < w < tiles * (tile + 2) + 2 + 200, (w, h, tile)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_sample_grid
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
@@ -227,7 +228,6 @@ def test_the_join_refuses_a_decomposition_of_other_images(tmp_path):
 def test_cart_trains_tokenizes_generates_and_evaluates_through_the_cli(tmp_path, capsys):
     import mlflow
     import ray
-    from PIL import Image
 
     from coarse2fine.pipelines.cli import main
     from coarse2fine.preprocess import schema
@@ -264,7 +264,7 @@ def test_cart_trains_tokenizes_generates_and_evaluates_through_the_cli(tmp_path,
             assert np.array_equal(schema.tensor_numpy(got.column(c["name"])), want[c["name"]])
         grid = tmp_path / "g.png"
         assert main(["generate", "--run", run_id, "--n", "2", "--class", "0", "--out", str(grid), *sets]) == 0
-        assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+        assert_sample_grid(grid, 2, 32)
         assert main(["evaluate", "--run", tags["c2f.tokenizer_run"], *sets]) == 0
         assert "eval/psnr_32px" in mlflow.get_run(tags["c2f.tokenizer_run"]).data.metrics
         assert main(["evaluate", "--run", run_id, *sets]) == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import mlflow
 import pytest
+from conftest import assert_sample_grid
 import torch
 
 from coarse2fine.pipelines.cli import main
@@ -29,7 +30,6 @@ def sets(tmp: Path, *extra: str) -> list[str]:
 
 def test_demo_train_evaluate_compare(tmp_path, capsys):
     import ray
-    from PIL import Image
 
     try:
         assert main(["demo-data", "--out", str(tmp_path / "imgs"), "--n", "12", "--resolution", "32"]) == 0
@@ -102,7 +102,7 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         assert [(c["name"], c["shape"], c["vocab"]) for c in layout] == [("ids_0", [4, 4], 64)]
         out_png = tmp_path / "vit.png"
         assert main(["generate", "--run", gen_run, "--n", "2", "--out", str(out_png), *vit]) == 0
-        assert Image.open(out_png).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+        assert_sample_grid(out_png, 2, 32)
         capsys.readouterr()
         assert main(["generate", "--run", gen_run, "--stop-scale", "1", *vit]) == 2
         err = " ".join(capsys.readouterr().err.split())
@@ -152,7 +152,6 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
     """AR-SIT through the CLI: train-generator (tokenizer + tokens first), resume after a pause,
     reuse; previews → refine; upsample; edit; the Table 2/4 evaluation logged to MLflow."""
     import ray
-    from PIL import Image
 
     from coarse2fine.preprocess.demo_data import demo_crops
 
@@ -177,7 +176,7 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
         prev = tmp_path / "prev.png"
         assert main(["generate", "--run", run_id, "--n", "3", "--stop-scale", "1", "--class", "0",
                      "--out", str(prev), *sets(tmp_path)]) == 0
-        assert Image.open(prev).size == (2 * 8 + 3 * 2,) * 2  # 2x2 grid of 8px previews, 2px padding
+        assert_sample_grid(prev, 3, 8)  # 3 numbered 8px previews
         assert main(["refine", "--run", run_id, "--tokens", f"{prev}.tokens.npz", "--select", "2",
                      "--out", str(tmp_path / "ref.png"), *sets(tmp_path)]) == 0
         import numpy as np

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_sample_grid
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
@@ -224,7 +225,6 @@ def test_generators_refuse_discrete_tokens_and_discrete_ones_refuse_latents():
 def test_kl_mar_far_train_tokenize_generate_evaluate_through_the_cli(tmp_path, capsys):
     import mlflow
     import ray
-    from PIL import Image
 
     from coarse2fine.pipelines.cli import main
     from coarse2fine.preprocess import schema
@@ -248,7 +248,7 @@ def test_kl_mar_far_train_tokenize_generate_evaluate_through_the_cli(tmp_path, c
             grid = tmp_path / f"{gen}.png"
             assert main(["generate", "--run", run_id, "--n", "2", "--class", "0", "--out", str(grid),
                          *sets, "--set", f"generator.method={gen}"]) == 0
-            assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+            assert_sample_grid(grid, 2, 32)
             assert main(["evaluate", "--run", run_id, *sets, "--set", f"generator.method={gen}"]) == 0
             metrics = mlflow.get_run(run_id).data.metrics
             # FAR: one step per level of the 4×4 latent; MAR: 8 steps and its default 64 capped at 16 tokens

@@ -89,7 +89,10 @@ def test_full_pipeline_reuses_retrains_fails_and_resumes(tmp_path, prefect_env, 
     assert new_tok["run_id"] == tok["run_id"] and not new_tok["trained"] and new_tok["reused"]
     assert new_gen["run_id"] != gen["run_id"] and new_gen["trained"]
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
-    assert sorted(r.data.tags.get("c2f.kind") for r in runs) == ["generator", "generator", "tokenizer"]
+    # one comparison per new set of evaluated runs: the re-run reused the first, the failed run had none
+    assert sorted(r.data.tags.get("c2f.kind") for r in runs) == ["comparison", "comparison", "generator", "generator",
+                                                                 "tokenizer"]
+    assert again["comparison"]["reused"] and again["comparison"]["run_id"] == first["comparison"]["run_id"]
 
     # nightly retraining: new uploads are ingested alone, both models continue from their latest runs
     from PIL import Image

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_sample_grid
 import torch
 
 from coarse2fine.train import methods
@@ -96,7 +97,6 @@ def test_maskgit_takes_one_column_and_refuses_scales():
 def test_cq_maskgit_chain_through_the_cli(tmp_path, capsys):
     import mlflow
     import ray
-    from PIL import Image
 
     from coarse2fine.pipelines.cli import main
 
@@ -113,7 +113,7 @@ def test_cq_maskgit_chain_through_the_cli(tmp_path, capsys):
         grid = tmp_path / "g.png"
         assert main(["generate", "--run", run_id, "--n", "2", "--steps", "4", "--class", "0", "--out", str(grid),
                      *sets]) == 0
-        assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+        assert_sample_grid(grid, 2, 32)
         ids = np.load(f"{grid}.tokens.npz")["ids"]
         assert ids.shape == (2, 16) and ids.max() < 64  # 16 channel tokens, no mask id left
         capsys.readouterr()

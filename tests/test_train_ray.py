@@ -113,7 +113,7 @@ def test_two_workers_through_fit_log_once_checkpoint_once_and_resume_exactly(ray
     # rank 1's batches enter the averaged gradients: from step 1 the curve leaves the one-worker curve
     assert all(two[step] != pytest.approx(one[step], rel=1e-4) for step in range(1, 6))
     # one set of checkpoints (rank 0 saves; Ray keeps the newest 2), each a loadable model
-    folders = sorted(Path(ckpts, "two").glob("checkpoint_*"))
+    folders = sorted(p for p in Path(ckpts, "two").glob("checkpoint_*") if p.is_dir())
     assert len(folders) == 2 and all(load_tokenizer(str(f)) is not None for f in folders)
 
 
@@ -147,7 +147,7 @@ def test_resume_takes_the_newest_checkpoint_on_disk_and_logs_each_step_once(ray_
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), step
     # retention: what Ray's own list no longer knows (the killed invocation's folders at steps 4
     # and 6, the broken one) is deleted; the one Ray lists (step 8, the only one since the resume) stays
-    left = sorted(run_dir.glob("checkpoint_*"))
+    left = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # not Ray's checkpoint_manager_snapshot.json
     assert len(left) == 1 and broken not in left and not set(folders) & set(left)
     assert torch.load(left[-1] / "state.pt", weights_only=False)["step"] == 8
 

@@ -63,7 +63,10 @@ def newest_state(run_uri: str, device: str | torch.device = "cpu", newer_than: s
 
 
 def _checkpoint_folders(fs, path: str) -> list[str]:
-    return sorted(p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
+    """Ray Train's ``checkpoint_<time>`` folders of a run, oldest first (not its
+    ``checkpoint_manager_snapshot.json``, a file)."""
+    return sorted(e["name"] for e in fs.ls(path, detail=True)
+                  if e["type"] == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_"))
 
 
 def prune(run_uri: str, keep: list[str]) -> list[str]:
