@@ -127,8 +127,8 @@ def method_table(tracking_cfg: TrackingConfig, generator_runs: list[str]) -> pd.
         pair = f"{tok.data.tags['c2f.method']}:{gen.data.tags['c2f.method']}"
         for kind, run in (("tokenizer", tok), ("generator", gen)):
             if PROTOCOL_TAG not in run.data.tags:
-                raise UserValueError(f"{kind} run {run.info.run_id} of {pair} is not evaluated (c2f evaluate --run-id "
-                                     f"{run.info.run_id})")
+                raise UserValueError(f"{kind} run {run.info.run_id} of {pair} is not evaluated with a recorded "
+                                     f"protocol ({PROTOCOL_TAG}): c2f evaluate --run {run.info.run_id}")
         keys[pair] = (tok.data.tags["c2f.images_fingerprint"], tok.data.tags[PROTOCOL_TAG], gen.data.tags[PROTOCOL_TAG])
         row = {"pair": pair, "tokens": "discrete" if "bits_per_image" in tok.data.metrics else "continuous"}
         for column, source, metric in METHOD_COLUMNS:
@@ -154,7 +154,8 @@ def latest_method_runs(tracking_cfg: TrackingConfig, experiment: str) -> list[st
                                filter_string=f"tags.`c2f.kind` = 'generator' and tags.`{PROTOCOL_TAG}` != ''",
                                order_by=["attributes.start_time DESC"])
     if not found:
-        raise UserKeyError(f"experiment {experiment!r} has no evaluated generator run (run c2f run first)")
+        raise UserKeyError(f"experiment {experiment!r} has no generator run evaluated with a recorded protocol "
+                           f"({PROTOCOL_TAG}): run c2f run, or c2f evaluate --run ID on older runs")
     newest: dict[str, str] = {}
     images = found[0].data.tags["c2f.images"]
     for run in found:

@@ -53,12 +53,28 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """coarse2fine's command line."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml); repeat to "
-                         "layer an overlay such as infra/beam/dataflow.yaml on top.")
+                         "layer an overlay such as infra/beam/dataflow.yaml on top. Commands that take --run default "
+                         "to the config that run was trained with (found via tracking.uri).")
 SetOpt = typer.Option(None, "--set", help="Override a config value: dotted.key=value (repeatable).")
 
 
 def _config(config: Optional[List[Path]], overrides: Optional[List[str]]) -> Config:
     return load_config(config, overrides or [])
+
+
+def _run_config(config: Optional[List[Path]], overrides: Optional[List[str]], run_id: str) -> Config:
+    """``--config`` when given; else the config the run ``run_id`` was trained with, found in the
+    MLflow store of ``tracking.*`` (default, or ``--set tracking.uri=…``), with ``--set`` on top."""
+    if config:
+        return _config(config, overrides)
+    from coarse2fine.pipelines import runs
+    from coarse2fine.pipelines.config import config_from_tree
+
+    tracking_cfg = load_section(None, overrides, "tracking")
+    tree = runs.run_config(tracking_cfg, run_id)
+    tree["tracking"] = tree.get("tracking", {}) | {"uri": tracking_cfg.uri}  # where the run was found
+    console.print(f"config: the one run {run_id} was trained with ({tracking_cfg.uri})", soft_wrap=True)
+    return config_from_tree(tree, overrides or [])
 
 
 def _print_table(title: str, columns: list[str], rows, float_fmt: str) -> None:
@@ -293,7 +309,7 @@ def tokenize(
     dataset (its manifest records the layout)."""
     from coarse2fine.pipelines import stages
 
-    res = stages.tokenize(_config(config, set_), run)
+    res = stages.tokenize(_run_config(config, set_, run), run)
     out.print(f"tokens: {res.rows['tokens']} rows {'(reused) ' if res.reused else ''}-> {res.uris['tokens']}")
 
 
@@ -309,7 +325,7 @@ def evaluate(
     number of decoding steps (CQ Table 7 in miniature)."""
     from coarse2fine.pipelines import stages
 
-    report = stages.evaluate(_config(config, set_), run)
+    report = stages.evaluate(_run_config(config, set_, run), run)
     tables = report if isinstance(report, dict) else {"reconstruction": report}
     for name, rows in tables.items():
         if rows:
@@ -364,7 +380,7 @@ def generate(
     decoding in --steps steps."""
     from coarse2fine.pipelines import apps
 
-    res = apps.generate(_config(config, set_), run, n, label, stop_scale, seed, str(out_png),
+    res = apps.generate(_run_config(config, set_, run), run, n, label, stop_scale, seed, str(out_png),
                         **_settings(cfg_scale, temperature, top_k, top_p, steps))
     out.print(f"wrote {res['grid']} ({n} images, {res['resolution']}px, {res['num_tokens']} tokens each) "
               f"and {res['tokens']}; logged to run {run}")
@@ -384,7 +400,7 @@ def refine(
     """Continue chosen coarse previews to finer scales (their tokens are kept unchanged)."""
     from coarse2fine.pipelines import apps
 
-    res = apps.refine(_config(config, set_), run, str(tokens), select, stop_scale, seed, str(out_png),
+    res = apps.refine(_run_config(config, set_, run), run, str(tokens), select, stop_scale, seed, str(out_png),
                         **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['resolution']}px) and {res['tokens']}")
 
@@ -403,7 +419,7 @@ def upsample(
     """Upsample: encode the low-resolution image into the first scales (scale-causal encoder), generate the rest."""
     from coarse2fine.pipelines import apps
 
-    res = apps.upsample(_config(config, set_), run, [str(p) for p in image], label, seed, str(out_png),
+    res = apps.upsample(_run_config(config, set_, run), run, [str(p) for p in image], label, seed, str(out_png),
                           **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['input_resolution']}px → {res['resolution']}px)")
 
@@ -422,7 +438,7 @@ def edit(
     """Edit: keep the coarse scales of an image and regenerate the finer ones under a new class."""
     from coarse2fine.pipelines import apps
 
-    res = apps.edit(_config(config, set_), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
+    res = apps.edit(_run_config(config, set_, run), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
                       **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} (kept {res['keep_scales']} scale(s))")
 

@@ -181,7 +181,14 @@ def _load_tree(paths: Paths, overrides: list[str]) -> dict:
 
 def load_config(path: Paths, overrides: list[str] | None = None) -> Config:
     """Read YAML (or start empty), apply overrides, validate; raise :class:`ConfigError`."""
-    tree = _load_tree(path, overrides or [])
+    return config_from_tree(_load_tree(path, []), overrides or [])
+
+
+def config_from_tree(tree: dict, overrides: list[str]) -> Config:
+    """A config from an already-read tree (e.g. the one a run recorded) with ``overrides``."""
+    tree = _merge({}, tree)
+    for item in overrides:
+        _apply_override(tree, item)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

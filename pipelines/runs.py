@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
+import yaml
 
 from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.config import TrackingConfig
@@ -28,6 +29,7 @@ STATUS_TAG = "c2f.status"  # "finished" or "paused at step N"
 CHECKPOINT_TAG = "c2f.checkpoint"
 PROTOCOL_TAG = "c2f.eval_protocol"  # the evaluation protocol without the code: runs compared side by side share it
 MACHINE_TAG = "c2f.eval_machine"  # where the evaluation's images/s were measured
+CONFIG_ARTIFACT = "c2f/config.yaml"  # the resolved config a run was started with (commands without --config load it)
 TRAIN_TIME_METRIC = "train_wall_s"  # seconds of training over every invocation of a run (resumes add up)
 
 
@@ -54,6 +56,7 @@ def find_run(tracking_cfg: TrackingConfig, tags: dict[str, str]) -> mlflow.entit
 def _start(tracking_cfg: TrackingConfig, run_name: str, tags: dict[str, str], config: dict) -> str:
     with tracking.run(tracking_cfg, run_name=run_name, tags=tags) as active:
         tracking.log_config(config)
+        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), CONFIG_ARTIFACT)
         run_id = active.info.run_id
     mlflow.MlflowClient().set_terminated(run_id, "RUNNING")
     return run_id
@@ -115,6 +118,16 @@ def run_kind(tracking_cfg: TrackingConfig, run_id: str) -> str | None:
         return mlflow.MlflowClient().get_run(run_id).data.tags.get("c2f.kind")
     except mlflow.exceptions.MlflowException as e:
         raise UserKeyError(f"no MLflow run {run_id} in {tracking_cfg.uri}") from e
+
+
+def run_config(tracking_cfg: TrackingConfig, run_id: str) -> dict:
+    """The resolved config tree a run was started with (:data:`CONFIG_ARTIFACT`)."""
+    run_kind(tracking_cfg, run_id)  # one line when there is no such run
+    try:
+        return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{CONFIG_ARTIFACT}"))
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise UserKeyError(f"MLflow run {run_id} has no {CONFIG_ARTIFACT} (it was started before runs recorded "
+                           f"their config): pass --config") from e
 
 
 def finished_run(tracking_cfg: TrackingConfig, run_id: str, kind: str = "tokenizer") -> dict[str, str]:

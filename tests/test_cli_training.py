@@ -148,7 +148,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert mlflow.get_run(run.info.run_id).data.tags["c2f.status"] == "finished"
 
 
-def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
+def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys, monkeypatch):
     """AR-SIT through the CLI: train-generator (tokenizer + tokens first), resume after a pause,
     reuse; previews → refine; upsample; edit; the Table 2/4 evaluation logged to MLflow."""
     import ray
@@ -198,6 +198,17 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys):
         assert main(["edit", "--run", run_id, "--image", str(tmp_path / "full.png"), "--keep-scales", "1",
                      "--class", "1", "--out", str(tmp_path / "ed.png"), *sets(tmp_path)]) == 0
         assert main(["generate", "--run", run_id, "--class", "no-such-class", *sets(tmp_path)]) == 2
+        # self-contained runs: from another folder, without --config, the run's own config is used
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        capsys.readouterr()
+        assert main(["generate", "--run", run_id, "--n", "2", "--out", "own.png",
+                     "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
+        assert (elsewhere / "own.png").is_file() and f"the one run {run_id} was trained with" in capsys.readouterr().err
+        assert main(["generate", "--run", run_id, "--out", "own.png"]) == 2  # the default store here has no such run
+        assert f"no MLflow run {run_id}" in capsys.readouterr().err
+        monkeypatch.chdir(tmp_path)
         assert main(["generate", "--run", tags["c2f.tokenizer_run"], *sets(tmp_path)]) == 2
         capsys.readouterr()
 
