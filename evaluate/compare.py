@@ -13,12 +13,14 @@ import mlflow
 import pandas as pd
 
 from coarse2fine.evaluate import tracking
+from coarse2fine.evaluate.tracking import MACHINE_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC
 from coarse2fine.evaluate.config import TrackingConfig
 from coarse2fine.preprocess import storage
 from coarse2fine.preprocess.errors import UserKeyError, UserValueError
 
 COMPARISON_TAG = "c2f.kind"
-PROTOCOL_TAG = "c2f.eval_protocol"
+BETTER = {"psnr": "↑", "ssim": "↑", "rfid": "↓", "fid": "↓", "kid": "↓", "images_per_s": "↑", "codebook_usage": "↑"}
+"""The direction that is better (Markdown headers, plot titles, the end-of-run summary)."""
 COMPARISON_FP_TAG = "c2f.comparison_fingerprint"  # the runs and evaluations a comparison run compared
 
 
@@ -99,8 +101,8 @@ METHOD_COLUMNS = [
     ("diffusion_passes", "generator", "diffusion_passes"),
     ("tokenizer_mparams", "tokenizer", "num_params"),
     ("generator_mparams", "generator", "num_params"),
-    ("tokenizer_train_min", "tokenizer", "train_wall_s"),
-    ("generator_train_min", "generator", "train_wall_s"),
+    ("tokenizer_train_min", "tokenizer", TRAIN_TIME_METRIC),
+    ("generator_train_min", "generator", TRAIN_TIME_METRIC),
 ]
 SCALE = {"tokenizer_mparams": 1e-6, "generator_mparams": 1e-6, "tokenizer_train_min": 1 / 60,
          "generator_train_min": 1 / 60}
@@ -134,7 +136,7 @@ def method_table(tracking_cfg: TrackingConfig, generator_runs: list[str]) -> pd.
         for column, source, metric in METHOD_COLUMNS:
             value = (tok if source == "tokenizer" else gen).data.metrics.get(metric, float("nan"))
             row[column] = value * SCALE.get(column, 1)
-        rows.append(row | {"machine": gen.data.tags.get("c2f.eval_machine", ""), "tokenizer_run": tok.info.run_id,
+        rows.append(row | {"machine": gen.data.tags.get(MACHINE_TAG, ""), "tokenizer_run": tok.info.run_id,
                            "generator_run": gen_id})
     for what, i in (("images", 0), ("tokenizer evaluation protocol", 1), ("generator evaluation protocol", 2)):
         seen = {k[i] for k in keys.values()}
@@ -146,7 +148,7 @@ def method_table(tracking_cfg: TrackingConfig, generator_runs: list[str]) -> pd.
 
 def latest_method_runs(tracking_cfg: TrackingConfig, experiment: str) -> list[str]:
     """The newest evaluated generator run of each tokenizer:generator pair in ``experiment``, among
-    the runs on the images of the newest one (``c2f compare --methods``)."""
+    the runs on the images and under the evaluation protocol of the newest one (``c2f compare --methods``)."""
     tracking.set_store(tracking_cfg)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise UserKeyError(f"no MLflow experiment named {experiment!r} at {tracking_cfg.uri}")
@@ -157,16 +159,12 @@ def latest_method_runs(tracking_cfg: TrackingConfig, experiment: str) -> list[st
         raise UserKeyError(f"experiment {experiment!r} has no generator run evaluated with a recorded protocol "
                            f"({PROTOCOL_TAG}): run c2f run, or c2f evaluate --run ID on older runs")
     newest: dict[str, str] = {}
-    images = found[0].data.tags["c2f.images"]
+    images, protocol = found[0].data.tags["c2f.images"], found[0].data.tags[PROTOCOL_TAG]
     for run in found:
         pair = f"{run.data.tags['c2f.tokenizer_method']}:{run.data.tags['c2f.method']}"
-        if run.data.tags["c2f.images"] == images and pair not in newest:
+        if (run.data.tags["c2f.images"], run.data.tags[PROTOCOL_TAG]) == (images, protocol) and pair not in newest:
             newest[pair] = run.info.run_id
     return list(newest.values())
-
-
-BETTER = {"psnr": "↑", "ssim": "↑", "rfid": "↓", "fid": "↓", "kid": "↓", "images_per_s": "↑", "codebook_usage": "↑"}
-"""The direction that is better, marked in the Markdown header."""
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -188,7 +186,8 @@ def _footnote(table: pd.DataFrame) -> str:
     return (f"images/s: sampling + decoding at batch eval_batch on {' / '.join(sorted(set(table['machine'])))}; "
             "FID/KID: fid_n generated images vs the real images dataset, rFID: rfid_n held-out images "
             "(Inception TF-2015 pool3); tokens_per_image counts latent floats for continuous tokens; "
-            "mparams in millions; train_min: wall minutes of training (resumes add up). Run ids: methods.csv.")
+            "mparams in millions; train_min: wall minutes of training (over the invocations that ended). "
+            "Run ids: methods.csv.")
 
 
 def method_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -231,10 +230,8 @@ def compare_methods(tracking_cfg: TrackingConfig, generator_runs: list[str], out
 
     table = method_table(tracking_cfg, generator_runs)
     markdown = to_markdown(table.drop(columns=["machine", "tokenizer_run", "generator_run"])) + "\n\n" + _footnote(table)
-    client = mlflow.MlflowClient()
-    evaluated = [f"{r}:{client.get_run(r).data.tags.get('c2f.evaluated')}"
-                 for r in [*table["generator_run"], *table["tokenizer_run"]]]
-    fp = storage.fingerprint("comparison", {}, evaluated, storage.code_version(sys.modules[__name__]))
+    # what is compared, cell by cell (a re-evaluation under the same protocol changes it)
+    fp = storage.fingerprint("comparison", {}, [table.to_csv(index=False)], storage.code_version(sys.modules[__name__]))
     uri = storage.join(out_root, fp)
     files = [storage.join(uri, name) for name in ("methods.md", "methods.csv", "fid_vs_speed.png", "psnr_vs_tokens.png")]
     tracking.configure(tracking_cfg)

@@ -27,7 +27,7 @@ from coarse2fine.evaluate.config import EvaluateConfig
 from coarse2fine.evaluate.fid import Evaluator
 from coarse2fine.evaluate.metrics import reconstruction_metrics
 from coarse2fine.evaluate.tokenizer_eval import held_out
-from coarse2fine.train.generate import generate, upsample
+from coarse2fine.train.generate import forward_passes, generate, upsample
 from coarse2fine.train.methods.base import SampleSettings
 
 
@@ -112,7 +112,7 @@ def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: s
                          factor, f"generated {R // factor}px")
         tokens = s * gen.cfg.tokens_per_scale
         rows.append({"stop_scale": s, "resolution": R // factor, "tokens": tokens,
-                     "forward_passes": tokens} | out.metrics  # one token per KV-cached pass
+                     "forward_passes": forward_passes(tokens)} | out.metrics
                     | {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024})
         grid_rows.append(_full_res(out.images[:8], R))
     up_rows, up_grid = [], None

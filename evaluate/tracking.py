@@ -19,6 +19,9 @@ import numpy as np
 from coarse2fine.evaluate.config import TrackingConfig
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+PROTOCOL_TAG = "c2f.eval_protocol"  # the evaluation protocol without the code: runs compared side by side share it
+MACHINE_TAG = "c2f.eval_machine"  # where the evaluation's images/s were measured
+TRAIN_TIME_METRIC = "train_wall_s"  # seconds of training, added up over the invocations that ended (not a killed one)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -113,10 +116,10 @@ def labelled_grid(images_NCHW: np.ndarray, row_labels: list[str], pad: int = 2, 
 
 
 def log_image_grid(images_NCHW: np.ndarray, artifact_file: str, step: int | None = None,
-                   nrow: int | None = None, row_labels: list[str] | None = None) -> None:
+                   row_labels: list[str] | None = None) -> None:
     """Log a sample/reconstruction grid as an image artifact (``step`` keeps one per step): with
-    ``row_labels``, one labelled row per label (see :func:`labelled_grid`), else ``nrow`` images per row."""
-    grid = labelled_grid(images_NCHW, row_labels) if row_labels else image_grid(np.asarray(images_NCHW), nrow)
+    ``row_labels``, one labelled row per label (see :func:`labelled_grid`), else a square grid."""
+    grid = labelled_grid(images_NCHW, row_labels) if row_labels else image_grid(np.asarray(images_NCHW))
     if step is None:
         mlflow.log_image(grid, artifact_file=artifact_file)
     else:

@@ -32,6 +32,10 @@ class ConfigError(UserValueError):
 PAIR_SECTIONS = ("tokenizer.", "generator.")
 """What a pair may override: its models. Data, preprocessing and evaluation are shared by every pair
 (one preprocessing, one FID protocol), or the comparison would not compare like with like."""
+PAIR_FIXED = ("tokenizer.method", "generator.method", "generator.guidance", "generator.temperature",
+              "generator.top_k", "generator.top_p", "generator.steps", "generator.eval_samples")
+"""Keys under those sections a pair may not override: its methods (the pair names them) and the
+sampling settings and sample count, which are part of the generator evaluation protocol."""
 
 
 class PairConfig(Section):
@@ -53,10 +57,11 @@ class PairConfig(Section):
         if not sep or tok not in methods.TOKENIZERS or gen not in methods.GENERATORS:
             raise ValueError(f"{self.pair!r} is not tokenizer:generator with tokenizer one of "
                              f"{', '.join(methods.TOKENIZERS)} and generator one of {', '.join(methods.GENERATORS)}")
-        wrong = [k for k in self.overrides if not k.startswith(PAIR_SECTIONS)]
+        wrong = [k for k in self.overrides if not k.startswith(PAIR_SECTIONS) or k in PAIR_FIXED]
         if wrong:
-            raise ValueError(f"pair {self.pair}: overrides may only change tokenizer.* and generator.*, not "
-                             f"{', '.join(wrong)} (every pair shares the data and the evaluation protocol)")
+            raise ValueError(f"pair {self.pair}: overrides may only change tokenizer.* and generator.* (not their "
+                             f"methods or sampling settings), not {', '.join(wrong)} (every pair shares the data and "
+                             "the evaluation protocol)")
         return self
 
     @property

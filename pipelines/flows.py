@@ -17,6 +17,7 @@ so workers use the installed package.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 from prefect.states import Failed
 
+from coarse2fine.evaluate import compare, tracking
 from coarse2fine.pipelines import runs, stages
 from coarse2fine.pipelines.config import Config, load_config
 from coarse2fine.pipelines.runs import RunRef
@@ -112,6 +114,11 @@ def tokenize_task(cfg: Config, tokenizer: RunRef) -> dict[str, Any]:
     return {"dataset": "tokens", "uri": r.uris["tokens"], "rows": r.rows["tokens"], "reused": r.reused}
 
 
+_EVALUATING = threading.Lock()
+"""One evaluation at a time on the flow's machine, whatever the pairs running at once: images/s
+are measured alone (and two evaluations would share one GPU's memory)."""
+
+
 @_task("evaluate")
 def evaluate_task(cfg: Config, run: RunRef) -> dict[str, Any]:
     """Evaluate a tokenizer or generator run unless it was already evaluated with this protocol."""
@@ -119,7 +126,8 @@ def evaluate_task(cfg: Config, run: RunRef) -> dict[str, Any]:
     if reused:
         get_run_logger().info("evaluate: reused the evaluation already logged in run %s", run.run_id)
     else:
-        stages.evaluate(cfg, run.run_id)
+        with _EVALUATING:
+            stages.evaluate(cfg, run.run_id)
     kind = runs.run_kind(cfg.tracking, run.run_id)
     return stages.run_summary(cfg, run.run_id) | {"reused": reused, "trained": not run.reused,
                                                   "method": getattr(cfg, kind).method}
@@ -128,8 +136,6 @@ def evaluate_task(cfg: Config, run: RunRef) -> dict[str, Any]:
 @_task("compare")
 def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
     """The side-by-side table of the pairs that finished (``pair -> generator run``)."""
-    from coarse2fine.evaluate import compare
-
     res = compare.compare_methods(cfg.tracking, list(generator_runs.values()), storage.join(cfg.storage.root, "comparison"))
     get_run_logger().info("comparison: %s MLflow run %s\n%s", "reused" if res.reused else "logged", res.run_id,
                           res.markdown, extra=SUMMARY)
@@ -138,21 +144,22 @@ def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
 
 def pairs_at_once(pairs: list[tuple[str, Config]]) -> int:
     """How many pairs train at the same time: as many as the Ray cluster's resources hold the most
-    demanding training of any pair, at least one. A training needs ``num_workers`` GPUs, or
-    ``num_workers × torch_threads`` CPUs (what its workers really use) and at least ``num_workers
-    + 1`` CPUs (Ray reserves one per worker, and the workers' Ray Data reads need one more: two
-    trainings on a 2-CPU Ray wait for each other's read tasks forever).
+    demanding training of any pair, at least one. A training needs ``num_workers`` GPUs (with
+    ``use_gpu``), ``num_workers × torch_threads`` CPUs (what CPU workers really use), and at least
+    ``num_workers + 1`` CPUs either way (Ray reserves one per worker, and the workers' Ray Data
+    reads need one more: two trainings on a 2-CPU Ray wait for each other's read tasks forever).
 
-    On a 2-core machine that is one pair at a time, so images/s are measured alone; on a cluster,
-    evaluation (on the flow's machine) runs beside other pairs' training (on the workers)."""
+    On a 2-core machine that is one pair at a time. Evaluations run one at a time whatever the
+    number (``_EVALUATING``); on a cluster they share the flow's machine with nothing but other
+    pairs' tasks that only wait for Ray."""
     from coarse2fine.train.launch import ensure_ray
 
     free = ensure_ray(pairs[0][1].ray)
 
     def fits(t) -> float:
-        if t.use_gpu:
-            return free.get("GPU", 0) // t.num_workers
-        return free.get("CPU", 1) // max(t.num_workers * (t.torch_threads or 1), t.num_workers + 1)
+        cpus = free.get("CPU", 1) // (t.num_workers + 1 if t.use_gpu else
+                                      max(t.num_workers * (t.torch_threads or 1), t.num_workers + 1))
+        return min(cpus, free.get("GPU", 0) // t.num_workers) if t.use_gpu else cpus
 
     return max(1, int(min(fits(t) for _, c in pairs for t in (c.tokenizer.train, c.generator.train))))
 
@@ -187,13 +194,16 @@ def _submit_pairs(pairs: list[tuple[str, Config]], images_uri: str, retrain: boo
     tokenizer shared by several pairs (same method, parameters and training) trains once."""
     tokenizers: dict[str, _Chain] = {}
     chains: dict[str, _Chain] = {}
+    labels: set[str] = set()
     for i in range(0, len(pairs), at_once):
         wave = pairs[i: i + at_once]
         for name, pcfg in wave:
             key = json.dumps(stages.tokenizer_spec(pcfg), sort_keys=True, default=str)
             if key not in tokenizers:
-                names = tuple(f"{step}[{pcfg.tokenizer.method}]" for step in
-                              ("train-tokenizer", "evaluate-tokenizer", "tokenize"))
+                # the method names the tokenizer, or the pair when another pair's differs (overrides)
+                label = pcfg.tokenizer.method if pcfg.tokenizer.method not in labels else f"{pcfg.tokenizer.method}@{name}"
+                labels.add(label)
+                names = tuple(f"{step}[{label}]" for step in ("train-tokenizer", "evaluate-tokenizer", "tokenize"))
                 tok = train_task.with_options(task_run_name=names[0]).submit(pcfg, "tokenizer", retrain,
                                                                               images_uri=images_uri)
                 tok_eval = evaluate_task.with_options(task_run_name=names[1]).submit(pcfg, tok)
@@ -231,6 +241,7 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
     datasets = preprocess_task(cfg)
     images_uri = next(d["uri"] for d in datasets if d["dataset"] == "images")
     pairs = cfg.pair_configs()
+    tracking.configure(cfg.tracking)  # the experiment exists before pairs run at once (no creation race)
     at_once = pairs_at_once(pairs)
     log.info("pairs: %s (%d at a time, see pairs_at_once)", ", ".join(n for n, _ in pairs), at_once)
     chains = _submit_pairs(pairs, images_uri, retrain, at_once)
@@ -247,13 +258,17 @@ def full_pipeline(config: list[str] | str = "configs/demo.yaml", overrides: list
         summary["pairs"].append({"pair": name, "status": "failed" if errors[name] else "finished",
                                  "error": errors[name],
                                  "generator_run": chain.generator.result().run_id if errors[name] is None else None})
+    failed = [f"pair {name} failed at {e}" for name, e in errors.items() if e]
     if finished:
-        summary["comparison"] = compare_task(cfg, {p["pair"]: p["generator_run"] for p in summary["pairs"]
-                                                   if p["status"] == "finished"})
+        state = compare_task(cfg, {p["pair"]: p["generator_run"] for p in summary["pairs"] if p["status"] == "finished"},
+                             return_state=True)
+        if state.is_completed():
+            summary["comparison"] = state.result()
+        else:  # e.g. runs of another protocol: the pairs' outcomes are still reported
+            failed.append(f"compare failed: {state.result(raise_on_failure=False)}")
     log.info("summary\n%s", format_summary(summary), extra=SUMMARY)
-    failed = {name: e for name, e in errors.items() if e}
     if failed:
-        return Failed(message="; ".join(f"pair {name} failed at {e}" for name, e in failed.items()), data=summary)
+        return Failed(message="; ".join(failed), data=summary)
     return summary
 
 
@@ -264,7 +279,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {d['dataset']:<14} {d['rows']:>7} rows  {'reused' if d['reused'] else 'built '}  {d['uri']}")
     lines.append(f"MLflow runs ({summary['tracking_uri']}, experiment {summary['experiment']}):")
     for r in summary["runs"]:
-        metrics = ", ".join(f"{k} {stages.SUMMARY_METRICS[k]} {v:.4g}" + (f" (n={r['n'][k]})" if k in r["n"] else "")
+        metrics = ", ".join(f"{k} {compare.BETTER[k]} {v:.4g}" + (f" (n={r['n'][k]})" if k in r["n"] else "")
                             for k, v in r["metrics"].items())
         lines.append(f"  {r['kind']:<10} {r.get('method', ''):<8} {r['run_id']}  "
                      f"{'trained' if r['trained'] else 'reused '}  {metrics}")

@@ -16,7 +16,7 @@ import yaml
 
 from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.config import TrackingConfig
-from coarse2fine.evaluate.tracking import MlflowLogger
+from coarse2fine.evaluate.tracking import MACHINE_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC, MlflowLogger  # noqa: F401
 from coarse2fine.preprocess import storage
 from coarse2fine.preprocess.errors import UserKeyError
 
@@ -27,10 +27,7 @@ DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
 EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
 STATUS_TAG = "c2f.status"  # "finished" or "paused at step N"
 CHECKPOINT_TAG = "c2f.checkpoint"
-PROTOCOL_TAG = "c2f.eval_protocol"  # the evaluation protocol without the code: runs compared side by side share it
-MACHINE_TAG = "c2f.eval_machine"  # where the evaluation's images/s were measured
 CONFIG_ARTIFACT = "c2f/config.yaml"  # the resolved config a run was started with (commands without --config load it)
-TRAIN_TIME_METRIC = "train_wall_s"  # seconds of training over every invocation of a run (resumes add up)
 
 
 @dataclass(frozen=True)

@@ -150,11 +150,11 @@ def evaluate_tokenizer(cfg: Config, run_id: str) -> list[dict]:
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"eval/{k}_{res}px", float(v), 0, 0)
                                           for k, v in row.items() if k != "resolution" and v == v])
     top = report.rows[0]
-    for k in ("psnr", "ssim", "l1", "rfid"):
-        if k in top and top[k] == top[k]:
-            client.log_metric(run_id, k, float(top[k]))
+    # NaN where a number does not exist (rFID of < 2 images, SSIM below its window): a re-evaluation
+    # must not leave the previous protocol's value as the latest
+    headline = {k: top.get(k, float("nan")) for k in ("psnr", "ssim", "l1", "rfid")}
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in
-                                      (report.codebook | report.summary | {"rfid_n": top["n"]}).items()])
+                                      (headline | report.codebook | report.summary | {"rfid_n": top["n"]}).items()])
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, "eval/per_resolution.json")
         tracking.log_image_grid(report.grid, "eval/reconstructions.png", row_labels=["original", "reconstruction"])
@@ -182,22 +182,21 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
     headline = report.rows[-1]
     settings = sample_settings(cfg)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in {
-        "fid": headline.get("fid"), "kid": headline.get("kid"), "fid_n": headline["n"],
+        "fid": headline.get("fid", float("nan")), "kid": headline.get("kid", float("nan")), "fid_n": headline["n"],
         "images_per_s": headline["images_per_s"], "forward_passes": headline["forward_passes"],
         "diffusion_passes": headline.get("diffusion_passes", 0), "cfg_scale": settings.guidance,
         "eval_batch_size": cfg.evaluate.batch_size,
-        "num_params": sum(p.numel() for p in pair.generator.parameters())}.items() if v is not None])
+        "num_params": sum(p.numel() for p in pair.generator.parameters())}.items()])
     with mlflow.start_run(run_id=run_id):
         tracking.log_table(report.rows, f"eval/{report.table}.json")
         # one row per setting (stop scale, steps, maps)
         tracking.log_image_grid(report.samples_grid, f"eval/samples_per_{report.key}.png",
-                                nrow=len(report.samples_grid) // len(report.rows),
                                 row_labels=[_setting_label(report.key, row) for row in report.rows])
         if report.upsampling:
             tracking.log_table(report.upsampling, "eval/upsampling.json")
-            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png", nrow=len(report.upsampling_grid) // 3,
-                                    row_labels=[f"input {report.upsampling[-1]['input_resolution']}px", "upsampled",
-                                                "original"])
+            low = report.upsampling[-1]["input_resolution"]  # the grid shows the hardest case
+            tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png",
+                                    row_labels=[f"input {low}px", "upsampled", "original"])
     _tag_evaluation(cfg, run_id, "generator", tags["c2f.method"], tags["c2f.tokenizer_method"])
     return {report.table: report.rows, "upsampling": report.upsampling}
 
@@ -262,8 +261,8 @@ def evaluate(cfg: Config, run_id: str):
     return evaluate_tokenizer(cfg, run_id)
 
 
-SUMMARY_METRICS = {"psnr": "↑", "ssim": "↑", "rfid": "↓", "fid": "↓"}
-"""The key metrics of the end-of-flow report, with the direction that is better."""
+SUMMARY_METRICS = ("psnr", "ssim", "rfid", "fid")
+"""The key metrics of the end-of-flow report (printed with ``compare.BETTER``'s direction)."""
 SAMPLE_COUNTS = {"rfid": "rfid_n", "fid": "fid_n"}
 
 
@@ -275,7 +274,7 @@ def run_summary(cfg: Config, run_id: str) -> dict:
     grids = [f"{run.info.artifact_uri}/{a.path}" for a in client.list_artifacts(run_id, "eval") if a.path.endswith(".png")]
     m = run.data.metrics
     return {"kind": kind, "run_id": run_id, "grids": grids,
-            "metrics": {k: m[k] for k in SUMMARY_METRICS if k in m},
+            "metrics": {k: m[k] for k in SUMMARY_METRICS if k in m and m[k] == m[k]},
             "n": {k: int(m[n]) for k, n in SAMPLE_COUNTS.items() if k in m and n in m}}
 
 

@@ -60,7 +60,9 @@ def test_pairs_take_their_methods_and_overrides_and_nothing_else():
     ("[sit:nope]", "'sit:nope' is not tokenizer:generator with tokenizer one of sit, "),
     ("[sit]", "'sit' is not tokenizer:generator"),
     ("[sit:ar_sit, sit:ar_sit]", "each pair once"),
-    ('[{pair: "sit:ar_sit", overrides: {data.resolution: 16}}]', "may only change tokenizer.* and generator.*, not data.resolution"),
+    ('[{pair: "sit:ar_sit", overrides: {data.resolution: 16}}]', "not data.resolution"),
+    ('[{pair: "sit:ar_sit", overrides: {generator.guidance: 3}}]', "(not their methods or sampling settings), not generator.guidance"),
+    ('[{pair: "sit:ar_sit", overrides: {tokenizer.method: cq}}]', "not tokenizer.method"),
     ('[{pair: "sit:ar_sit", overrides: {evaluate.max_samples: 4}}]', "not evaluate.max_samples"),
     ('[{pair: "sit:ar_sit", overrides: {tokenizer.sit.bogus: 1}}]', "pair sit:ar_sit: tokenizer.sit.bogus: unknown key"),
 ])

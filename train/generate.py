@@ -38,6 +38,12 @@ def decode(tokenizer: SpectralTokenizer, ids_BT: torch.Tensor) -> torch.Tensor:
     return tokenizer.decode_indices(ids_BT.view(B, T // N, N)).clamp(0, 1)  # (B, s, N) → image
 
 
+def forward_passes(num_tokens: int) -> int:
+    """Transformer passes per image to sample ``num_tokens`` tokens with the KV cache: one per token
+    (the class token's pass predicts the first; CFG doubles the batch, not the passes)."""
+    return num_tokens
+
+
 def generate(generator: ARSIT, tokenizer: SpectralTokenizer, classes_B: torch.Tensor, stop_scale: int | None,
              settings: SampleSettings, seed: int, prefix_BP: torch.Tensor | None = None,
              use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

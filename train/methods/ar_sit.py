@@ -71,8 +71,9 @@ class ARSIT(GeneratorMethod):
         return edited, decode(tokenizer, prefix)
 
     def passes(self, model_cfg, settings):
-        """One KV-cached pass per token (the class token's pass predicts the first)."""
-        return {"forward_passes": model_cfg.num_scales * model_cfg.tokens_per_scale, "diffusion_passes": 0}
+        from coarse2fine.train.generate import forward_passes
+
+        return {"forward_passes": forward_passes(model_cfg.num_scales * model_cfg.tokens_per_scale), "diffusion_passes": 0}
 
     def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
         """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``): the stop-scale rows below
