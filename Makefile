@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch: `pip install torch` alone would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench mutation clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_decomposition.py
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_arsit.py
+
+# Mutation testing of the core math modules (cosmic-ray; hours on 2 cores, not in CI): a score table.
+mutation: install
+	$(BIN)/python -m pip install --quiet cosmic-ray
+	$(BIN)/python benchmarks/mutation.py
 
 clean:
 	rm -rf $(VENV) .c2f build *.egg-info mlruns
