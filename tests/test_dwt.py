@@ -59,3 +59,17 @@ def test_torch_dwt_equals_pywavelets_band_by_band(levels, h, w, dtype, atol):
         for i, band in enumerate((bh, bv, bd)):
             np.testing.assert_allclose(s[:, 3 * i: 3 * i + 3].double().numpy(), band, atol=atol)
     np.testing.assert_allclose(torch_idwt(ours).double().numpy(), x.double().numpy(), atol=10 * atol)
+
+
+@pytest.mark.parametrize("h, w, ok", [(5, 4, False), (4, 5, False), (4, 4, True)])
+def test_haar_level_refuses_odd_sides_and_only_them(h, w, ok):
+    """Odd height or width is refused; odd batch and channel counts are fine (mutation testing
+    found the precondition unpinned: `or` for `and`, the batch axis, one side checked twice)."""
+    from coarse2fine.train.kernels.haar import haar_level
+
+    x = torch.zeros(3, 1, h, w)
+    if ok:
+        assert haar_level(x)[0].shape == (3, 1, h // 2, w // 2)
+    else:
+        with pytest.raises(AssertionError, match="odd size"):
+            haar_level(x)
