@@ -48,7 +48,7 @@ def main() -> None:
     common = dict(resolution=args.resolution, size=args.size, codebook_size=8192)
     sit = build_tokenizer(SITConfig(num_scales=args.scales, tokens_per_scale=args.tokens, **common)).to(device).eval()
     base = build_tokenizer(SITConfig(num_scales=1, tokens_per_scale=args.baseline_tokens, per_scale_codebooks=False,
-                                     per_scale_params=False, causal_encoder=False, causal_decoder=False,
+                                     enc_per_scale_params=False, dec_per_scale_params=False, causal_encoder=False, causal_decoder=False,
                                      **common)).to(device).eval()
     n_params = {m: sum(p.numel() for p in model.parameters()) / 1e6 for m, model in (("sit", sit), ("base", base))}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -46,7 +46,8 @@ def test_patchify_round_trip():
 
 @pytest.mark.parametrize("per_scale_params", [True, False])
 def test_scale_causal_encoder_and_decoder(per_scale_params):
-    m = model(per_scale_params=per_scale_params)
+    shared = dict(enc_per_scale_params=per_scale_params, dec_per_scale_params=per_scale_params)
+    m = model(**shared)
     scales = m.image_to_scales(torch.rand(2, 3, 32, 32))
     z = m.encode_scales(scales)
     bumped = [c.clone() for c in scales]
@@ -60,7 +61,7 @@ def test_scale_causal_encoder_and_decoder(per_scale_params):
     out2 = m.decode(q2)
     assert all(torch.equal(a, b) for a, b in zip(out[:2], out2[:2])) and not torch.allclose(out[2], out2[2])
     # dense attention does not have that property
-    dense = model(per_scale_params=per_scale_params, causal_encoder=False, causal_decoder=False)
+    dense = model(**shared, causal_encoder=False, causal_decoder=False)
     assert not torch.allclose(dense.encode_scales(scales)[:, 0], dense.encode_scales(bumped)[:, 0])
     assert not torch.allclose(dense.decode(q)[0], dense.decode(q2)[0])
 
@@ -69,8 +70,30 @@ def test_per_scale_codebooks_embed_the_same_id_differently():
     idx = torch.full((1, 3, 4), 5)
     per_scale = model().quantizer.indices_to_codes(idx)
     assert not torch.allclose(per_scale[0, 0], per_scale[0, 1])
-    shared = model(per_scale_codebooks=False, per_scale_params=False).quantizer.indices_to_codes(idx)
+    shared = model(per_scale_codebooks=False).quantizer.indices_to_codes(idx)
     torch.testing.assert_close(shared[0, 0], shared[0, 1])
+
+
+def test_scd_shares_the_decoders_transformer_and_keeps_the_encoders_per_scale():
+    """SIT-SCD (seed §5.3): per-scale encoder parameters, one set of decoder parameters for all
+    scales. Counted from first principles: per scale (seed §4.1: "key, query, value embeddings, the
+    layer norms, and the MLP") a pre-norm block has 2 LayerNorms (2·2C), qkv (3C²+3C) and a 4C MLP
+    (8C²+5C), and the stack a final LayerNorm (2C); the attention output projection (C²+C) is one."""
+    C, S, depth = 32, 3, 1  # "tiny"
+
+    def count_for(groups):
+        return depth * (groups * (4 * C + 3 * C * C + 3 * C + 8 * C * C + 5 * C) + C * C + C) + groups * 2 * C
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    scd = model(causal_encoder=False, enc_per_scale_params=True, dec_per_scale_params=False)
+    assert count(scd.encoder) == count_for(S) and count(scd.decoder) == count_for(1)
+    sce = model(causal_decoder=False, enc_per_scale_params=False, dec_per_scale_params=True)
+    assert count(sce.encoder) == count_for(1) and count(sce.decoder) == count_for(S)
+    # sharing changes the parameter count only, not what a scale-causal decoder can do
+    q = torch.randn(2, S, 4, C)
+    assert [c.shape for c in model(dec_per_scale_params=False).decode(q[:, :2])] == [(2, 3, 8, 8), (2, 9, 8, 8)]
 
 
 @pytest.mark.parametrize("num_codebooks", [1, 3])
@@ -84,6 +107,20 @@ def test_quantizer_round_trip_and_straight_through(num_codebooks):
     (q.sum() + aux).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0  # gradients pass the straight-through estimator
     assert vq.codebook.grad.abs().sum() > 0
+
+
+def test_nearest_code_under_bf16_autocast_is_the_fp64_argmax():
+    """Under bf16 autocast the code choice must still be the exact nearest code of the projected
+    feature (computed here in fp64 by hand): bf16 similarities pick another code for near ties."""
+    torch.manual_seed(0)
+    vq = FactorizedVQ(dim=64, codebook_size=1024, code_dim=32, num_codebooks=1)
+    z = torch.randn(8, 1, 256, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, idx, _ = vq(z)
+    w, b = vq.proj_in.weight.detach().double()[0], vq.proj_in.bias.detach().double()[0]  # (in, d), (d,)
+    z64 = torch.nn.functional.normalize(z.double() @ w + b, dim=-1)  # (B, 1, N, d)
+    codes64 = torch.nn.functional.normalize(vq.codebook.detach().double()[0], dim=-1)  # (K, d)
+    assert torch.equal(idx, (z64 @ codes64.T).argmax(-1))
 
 
 def test_entropy_terms_have_the_right_sign():

@@ -9,8 +9,8 @@ from coarse2fine.train.methods.base import params_section
 from coarse2fine.train.methods.sit import SIT, TOKENIZER_CODE
 from coarse2fine.train.models.sit import SITConfig
 
-SPATIAL = dict(num_scales=1, per_scale_codebooks=False, per_scale_params=False, causal_encoder=False,
-               causal_decoder=False)
+SPATIAL = dict(num_scales=1, per_scale_codebooks=False, enc_per_scale_params=False, dec_per_scale_params=False,
+               causal_encoder=False, causal_decoder=False)
 
 
 class ViTVQ(SIT):

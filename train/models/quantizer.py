@@ -59,21 +59,23 @@ class FactorizedVQ(nn.Module):
             out = (q.reshape(B, G, N, C), idx.reshape(B, G, N), aux)
             return out + (terms,) if return_terms else out
         assert g <= self.num_codebooks, f"{g} groups for {self.num_codebooks} codebooks"
-        z = F.normalize(self.proj_in(z_BGNC), dim=-1)  # (B, G', N, d)
-        codes = self._codes(g)  # (G', K, d)
-        sim = torch.einsum("bgnd,gkd->bgnk", z, codes)  # cosine similarity (B, G', N, K)
-        indices = sim.argmax(dim=-1)  # (B, G', N)
-        e = self.indices_to_latents(indices)  # (B, G', N, d)
-        codebook_loss = F.mse_loss(e, z.detach())
-        commitment = F.mse_loss(z, e.detach())
-        # ‖z − e‖² = 2 − 2 cos for unit vectors
-        probs = torch.softmax(-(2 - 2 * sim) / self.entropy_temperature, dim=-1)  # (B, G', N, K)
-        per_token = _entropy(probs).mean()
-        avg = probs.mean(dim=(0, 2))  # (G', K)
-        codebook_entropy = _entropy(avg).mean()
-        entropy_loss = per_token - codebook_entropy
-        aux = codebook_loss + self.beta * commitment + self.entropy_weight * entropy_loss
-        z_q = z + (e - z).detach()  # straight-through
+        # the lookup, its losses and the straight-through sum in fp32 even under bf16 autocast: bf16
+        # similarities change the chosen code of near ties (~2.6% of choices in a CPU check)
+        with torch.autocast(z_BGNC.device.type, enabled=False):
+            z = F.normalize(self.proj_in(z_BGNC).float(), dim=-1)  # (B, G', N, d)
+            sim = torch.einsum("bgnd,gkd->bgnk", z, self._codes(g).float())  # cosine similarity (B, G', N, K)
+            indices = sim.argmax(dim=-1)  # (B, G', N)
+            e = self.indices_to_latents(indices).float()  # (B, G', N, d)
+            codebook_loss = F.mse_loss(e, z.detach())
+            commitment = F.mse_loss(z, e.detach())
+            # ‖z − e‖² = 2 − 2 cos for unit vectors
+            probs = torch.softmax(-(2 - 2 * sim) / self.entropy_temperature, dim=-1)  # (B, G', N, K)
+            per_token = _entropy(probs).mean()
+            avg = probs.mean(dim=(0, 2))  # (G', K)
+            codebook_entropy = _entropy(avg).mean()
+            entropy_loss = per_token - codebook_entropy
+            aux = codebook_loss + self.beta * commitment + self.entropy_weight * entropy_loss
+            z_q = z + (e - z).detach()  # straight-through
         quantized = self.proj_out(z_q)
         if return_terms:
             terms = {"codebook": codebook_loss.detach(), "commitment": commitment.detach(),

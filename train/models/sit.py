@@ -4,8 +4,9 @@ SIT: Haar DWT of the image → per-scale patchifiers giving N tokens per scale (
 approximation, 3-channel patches; scale s > 1 = the H|V|D details of one level, 9-channel patches
 that grow ×2 per scale, Fig. 2) → learnable positions → transformer encoder → per-scale quantizer →
 transformer decoder → per-scale output projections → IDWT. Switches (``SITConfig``): number of scales,
-tokens per scale, per-scale codebooks, per-scale transformer parameters, scale-causal encoder and/or
-decoder (SIT-SC = both, SIT-SCE, SIT-SCD).
+tokens per scale, per-scale codebooks, per-scale transformer parameters of the encoder and of the
+decoder (seed Table 5 ablates them separately; SIT-SCD shares the decoder's, §5.3), scale-causal
+encoder and/or decoder (SIT-SC = both, SIT-SCE, SIT-SCD).
 
 ViT-VQGAN baseline = the same model with one "scale" and no DWT: pixel patches, one codebook.
 
@@ -48,7 +49,8 @@ class SITConfig:
     codebook_size: int = 1024
     code_dim: int = 32
     per_scale_codebooks: bool = True
-    per_scale_params: bool = True
+    enc_per_scale_params: bool = True  # per-scale qkv, layer norms, MLP in the encoder (seed §4.1)
+    dec_per_scale_params: bool = True  # … in the decoder; SIT-SCD shares them to save memory (§5.3)
     causal_encoder: bool = True
     causal_decoder: bool = True
     beta: float = 0.25
@@ -111,16 +113,17 @@ class SpectralTokenizer(nn.Module):
         self.cfg = cfg
         enc, dec = MODEL_SIZES[cfg.size], MODEL_SIZES[cfg.dec_size or cfg.size]
         S, N = cfg.num_scales, cfg.tokens_per_scale
-        groups = S if cfg.per_scale_params else 1
         self.patch_in = nn.ModuleList(nn.Linear(cfg.patch_dim(s), enc["dim"]) for s in range(S))
         self.pos_enc = nn.Parameter(torch.randn(S * N, enc["dim"]) * 0.02)
-        self.encoder = Transformer(enc["dim"], enc["depth"], enc["heads"], cfg.mlp_ratio, groups)
+        self.encoder = Transformer(enc["dim"], enc["depth"], enc["heads"], cfg.mlp_ratio,
+                                   S if cfg.enc_per_scale_params else 1)
         self.quantizer = FactorizedVQ(enc["dim"], cfg.codebook_size, cfg.code_dim,
                                       S if cfg.per_scale_codebooks else 1, cfg.beta,
                                       cfg.entropy_weight, cfg.entropy_temperature)
         self.to_dec = nn.Linear(enc["dim"], dec["dim"]) if enc["dim"] != dec["dim"] else nn.Identity()
         self.pos_dec = nn.Parameter(torch.randn(S * N, dec["dim"]) * 0.02)
-        self.decoder = Transformer(dec["dim"], dec["depth"], dec["heads"], cfg.mlp_ratio, groups)
+        self.decoder = Transformer(dec["dim"], dec["depth"], dec["heads"], cfg.mlp_ratio,
+                                   S if cfg.dec_per_scale_params else 1)
         self.patch_out = nn.ModuleList(nn.Linear(dec["dim"], cfg.patch_dim(s)) for s in range(S))
         self.register_buffer("_mask", block_causal_mask([N] * S), persistent=False)
 
