@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 
 from coarse2fine.evaluate import tracking
-from coarse2fine.evaluate.tracking import MACHINE_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC
+from coarse2fine.evaluate.tracking import MACHINE_TAG, PERCEPTUAL_KIND_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC
 from coarse2fine.evaluate.config import TrackingConfig
 from coarse2fine.preprocess import storage
 from coarse2fine.preprocess.errors import UserKeyError, UserValueError
@@ -132,7 +132,9 @@ def method_table(tracking_cfg: TrackingConfig, generator_runs: list[str]) -> pd.
                 raise UserValueError(f"{kind} run {run.info.run_id} of {pair} is not evaluated with a recorded "
                                      f"protocol ({PROTOCOL_TAG}): c2f evaluate --run {run.info.run_id}")
         keys[pair] = (tok.data.tags["c2f.images_fingerprint"], tok.data.tags[PROTOCOL_TAG], gen.data.tags[PROTOCOL_TAG])
-        row = {"pair": pair, "tokens": "discrete" if "bits_per_image" in tok.data.metrics else "continuous"}
+        row = {"pair": pair, "tokens": "discrete" if "bits_per_image" in tok.data.metrics else "continuous",
+               # the tokenizer's perceptual loss, beside every FID: the Inception-stem one reads FID's network
+               "perceptual": tok.data.tags.get(PERCEPTUAL_KIND_TAG, "unrecorded")}
         for column, source, metric in METHOD_COLUMNS:
             value = (tok if source == "tokenizer" else gen).data.metrics.get(metric, float("nan"))
             row[column] = value * SCALE.get(column, 1)

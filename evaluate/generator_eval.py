@@ -12,6 +12,11 @@ per image (the seed's Gb/image; NaN on CPU, where torch has no allocator statist
 Upsampling: held-out images block-averaged by 2^k (k ≥ 1) are encoded into their first S-k scales
 and AR-SIT generates the rest conditioned on their label; PSNR and FID against the originals, with
 bicubic upsampling's PSNR beside it for scale.
+
+By capability: without a scale-causal decoder (the ViT-VQGAN baseline, dense SIT, SIT-SCE) the rows
+are the seed's baseline treatment (§5.3, Table 2): full-resolution samples, block-averaged to each
+lower resolution; without a scale-causal encoder the upsampling rows are not applicable. What is not
+applicable is reported (``not_applicable``), never raised, so no computed row is lost.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class GeneratorReport:
     samples_grid: np.ndarray  # (settings·n, 3, R, R)
     upsampling: list[dict] = field(default_factory=list)  # one row per input resolution
     upsampling_grid: np.ndarray | None = None  # (3·n, 3, R, R): low-res input (nearest), upsampled, original
+    not_applicable: dict[str, str] = field(default_factory=dict)  # table → why it has no rows
 
 
 @dataclass
@@ -94,27 +100,51 @@ def _full_res(x_B3rr: torch.Tensor, R: int) -> torch.Tensor:
     return F.interpolate(x_B3rr, size=(R, R), mode="nearest") if x_B3rr.shape[-1] != R else x_B3rr
 
 
+NEEDS_DECODER = "needs a scale-causal decoder (tokenizer.sit.causal_decoder: true)"
+NEEDS_ENCODER = "needs a scale-causal encoder (tokenizer.sit.causal_encoder: true)"
+
+
 def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: str, cfg: EvaluateConfig,
-                       settings: SampleSettings, num_samples: int, seed: int = 0,
-                       with_fid: bool = True, stop_scales: bool = True, upsampling: bool = True) -> GeneratorReport:
-    """Rows for every stop scale (only the last one without ``stop_scales``: the tokenizer cannot
-    decode partial sequences) and, with ``upsampling``, per input resolution, for an AR-SIT generator
+                       settings: SampleSettings, num_samples: int, seed: int = 0, with_fid: bool = True,
+                       stop_scales: bool = True, upsampling: bool = True,
+                       baseline_resolutions: list[int] = ()) -> GeneratorReport:
+    """Rows for every stop scale (with ``stop_scales``: the tokenizer decodes partial sequences),
+    else for each of ``baseline_resolutions`` from full-resolution samples block-averaged (the
+    seed's baseline rows); with ``upsampling``, rows per input resolution; for an AR-SIT generator
     and its tokenizer (loaded on the evaluation device)."""
     device = next(gen.parameters()).device
     S, R = gen.cfg.num_scales, tok.cfg.resolution
     ev = Evaluator(cfg) if with_fid else None
     classes = balanced_classes(num_samples, gen.cfg.num_classes, device)
-    rows, grid_rows = [], []
+    rows, grid_rows, na = [], [], {}
     generate(gen, tok, classes[:1], S, settings, seed)  # warm-up: one-off initialisation is not throughput
-    for s in range(1, S + 1) if stop_scales else [S]:
-        factor = 2 ** (S - s)
-        out = sample_row(lambda c, i: generate(gen, tok, c, s, settings, seed + i)[1], classes, cfg, ev, images_uri,
-                         factor, f"generated {R // factor}px")
-        tokens = s * gen.cfg.tokens_per_scale
-        rows.append({"stop_scale": s, "resolution": R // factor, "tokens": tokens,
-                     "forward_passes": forward_passes(tokens)} | out.metrics
-                    | {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024})
-        grid_rows.append(_full_res(out.images[:8], R))
+    tokens = S * gen.cfg.tokens_per_scale
+    kv = {"kv_cache_kib_per_image": kv_cache_bytes(gen, tokens, settings.guidance != 1) / 1024}
+    if stop_scales:
+        for s in range(1, S + 1):
+            factor = 2 ** (S - s)
+            out = sample_row(lambda c, i: generate(gen, tok, c, s, settings, seed + i)[1], classes, cfg, ev,
+                             images_uri, factor, f"generated {R // factor}px")
+            t = s * gen.cfg.tokens_per_scale
+            rows.append({"stop_scale": s, "resolution": R // factor, "tokens": t, "forward_passes": forward_passes(t)}
+                        | out.metrics | {"kv_cache_kib_per_image": kv_cache_bytes(gen, t, settings.guidance != 1) / 1024})
+            grid_rows.append(_full_res(out.images[:8], R))
+    else:
+        na["stop_scales"] = f"stopping early {NEEDS_DECODER}: full-resolution samples block-averaged instead"
+        full = sample_row(lambda c, i: generate(gen, tok, c, S, settings, seed + i)[1], classes, cfg, None, images_uri)
+        for r in sorted(set(baseline_resolutions) | {R}):
+            factor = R // r
+            fake = F.avg_pool2d(full.images, factor) if factor > 1 else full.images  # (n, 3, r, r)
+            metrics = dict(full.metrics)  # the throughput of generating at full resolution
+            if ev is not None:
+                res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
+                                          ev.features(torch.split(fake, cfg.batch_size), desc=f"downsampled {r}px"))
+                metrics |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
+            rows.append({"stop_scale": S, "resolution": r, "tokens": tokens, "forward_passes": forward_passes(tokens),
+                         "downsampled_from": R} | metrics | kv)
+            grid_rows.append(_full_res(fake[:8], R))
+    if not upsampling:
+        na["upsampling"] = f"upsampling {NEEDS_ENCODER}"
     up_rows, up_grid = [], None
     x, labels, _ = held_out(images_uri, num_samples)
     null = gen.cfg.null_class
@@ -134,4 +164,7 @@ def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: s
         if k == S - 1:  # the hardest case, like the seed's Fig. 4 / 7
             n = min(8, len(x))
             up_grid = torch.cat([_full_res(low[:n], R), out[:n], x[:n]]).numpy()
-    return GeneratorReport(rows, "stop_scale", "stop", "stop_scales", torch.cat(grid_rows).numpy(), up_rows, up_grid)
+    if stop_scales:
+        return GeneratorReport(rows, "stop_scale", "stop", "stop_scales", torch.cat(grid_rows).numpy(), up_rows,
+                               up_grid, na)
+    return GeneratorReport(rows, "resolution", "down", "downsampled", torch.cat(grid_rows).numpy(), up_rows, up_grid, na)

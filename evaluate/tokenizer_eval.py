@@ -49,6 +49,26 @@ def held_out(images_uri: str, limit: int) -> tuple[torch.Tensor, list[int | None
     return x, [labels[i] for i in rows], [keys[i] for i in rows]
 
 
+def dataset_codebook_stats(tokens_uri: str) -> dict[str, float]:
+    """Codebook usage and unique-token ratio per token group over a whole ``tokens`` dataset (every
+    split): the held-out images alone hold too few tokens to use a large codebook fully. Keys
+    ``dataset/codebook_usage/{group}``, ``dataset/unique_ratio/{group}``, their means, and
+    ``dataset/images``; empty for continuous tokens."""
+    layout = schema.layout_from_manifest(schema.read_manifest(tokens_uri), tokens_uri)
+    ids = [c for c in layout if c.vocab]
+    if not ids:
+        return {}
+    table = schema.read_table(tokens_uri, [c.name for c in ids])
+    stats: dict[str, float] = {"dataset/images": table.num_rows}
+    for (name, vocab, _), col in zip(usage_groups(layout), ids):
+        a = schema.tensor_numpy(table.column(col.name)).reshape(table.num_rows, -1)  # (images, tokens)
+        stats[f"dataset/codebook_usage/{name}"] = codebook_usage(a, vocab)
+        stats[f"dataset/unique_ratio/{name}"] = unique_token_ratio(a)
+    for key in ("codebook_usage", "unique_ratio"):
+        stats[f"dataset/{key}"] = float(np.mean([v for k, v in stats.items() if k.startswith(f"dataset/{key}/")]))
+    return stats
+
+
 def evaluate_checkpoint(checkpoint_uri: str, images_uri: str, cfg: EvaluateConfig,
                         resolutions: list[int] | None = None, with_fid: bool = True,
                         decomposition_uri: str | None = None) -> TokenizerReport:

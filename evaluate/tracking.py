@@ -21,6 +21,7 @@ from coarse2fine.evaluate.config import TrackingConfig
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 PROTOCOL_TAG = "c2f.eval_protocol"  # the evaluation protocol without the code: runs compared side by side share it
 MACHINE_TAG = "c2f.eval_machine"  # where the evaluation's images/s were measured
+PERCEPTUAL_KIND_TAG = "c2f.perceptual_kind"  # lpips | inception | ms_ssim | off: the tokenizer's perceptual loss
 TRAIN_TIME_METRIC = "train_wall_s"  # seconds of training, added up over the invocations that ended (not a killed one)
 
 

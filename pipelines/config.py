@@ -6,6 +6,7 @@ their own section.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,11 @@ def load_section(path: Paths, overrides: list[str] | None, name: str) -> Section
         return model.model_validate(tree.get(name) or {})
     except ValidationError as e:
         raise ConfigError(f"{name}.{_one_line(e)}") from e
+
+
+def table_variants(path: str | Path) -> dict[str, list[str]]:
+    """A table of named variants (``configs/tables/*.yaml``: ``base`` and ``rows`` of dotted keys) as
+    ``key=value`` overrides per row, the base's first."""
+    table = yaml.safe_load(Path(path).read_text())
+    fmt = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731  (YAML scalars as --set reads them)
+    return {name: [f"{k}={fmt(v)}" for k, v in (table["base"] | (row or {})).items()] for name, row in table["rows"].items()}

@@ -18,7 +18,7 @@ from coarse2fine.pipelines.config import Config
 from coarse2fine.preprocess import schema, storage
 from coarse2fine.preprocess.beam_jobs import StageResult, preprocess_all, run_image_stage
 from coarse2fine.preprocess.errors import UserValueError
-from coarse2fine.train.losses import PERCEPTUAL_OFF
+from coarse2fine.train.losses import PerceptualChoice, resolve_perceptual
 
 
 def preprocess(cfg: Config) -> list[StageResult]:
@@ -28,11 +28,21 @@ def preprocess(cfg: Config) -> list[StageResult]:
     return preprocess_all(cfg.data, cfg.preprocess, cfg.storage)
 
 
+def perceptual_choice(cfg: Config) -> PerceptualChoice:
+    """The perceptual loss the configured tokenizer trains with (``auto`` resolved here: LPIPS when
+    the VGG16 weights are at ``lpips_backbone`` or in torch hub's cache)."""
+    import torch.hub
+
+    t = cfg.tokenizer.train
+    return resolve_perceptual(t.perceptual, t.perceptual_weight, t.lpips_backbone, torch.hub.get_dir())
+
+
 def tokenizer_spec(cfg: Config) -> tuple[dict, str]:
     """What determines a trained tokenizer besides its data: the active method, its parameters,
-    training and resolution, and the code version of the modules it runs."""
+    training (with the perceptual loss ``auto`` resolved to) and resolution, and the code version
+    of the modules it runs."""
     code = storage.code_version(*cfg.tokenizer.method_plugin().code_modules())
-    return cfg.tokenizer.spec() | {"resolution": cfg.data.resolution}, code
+    return cfg.tokenizer.spec() | {"resolution": cfg.data.resolution, "perceptual": perceptual_choice(cfg).kind}, code
 
 
 def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool = False,
@@ -45,7 +55,9 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool
     images_uri = images_uri or preprocess(cfg)[0].uris["images"]
     images_fp = schema.read_manifest(images_uri)["fingerprint"]
     spec, code = tokenizer_spec(cfg)
-    tags = {"c2f.images": images_uri, "c2f.images_fingerprint": images_fp, "c2f.perceptual": PERCEPTUAL_OFF}
+    perceptual = perceptual_choice(cfg)
+    tags = {"c2f.images": images_uri, "c2f.images_fingerprint": images_fp, "c2f.perceptual": perceptual.describe(),
+            tracking.PERCEPTUAL_KIND_TAG: perceptual.kind}
     decomposition_uri, data_fp = decomposition_for(cfg, images_uri), images_fp
     if decomposition_uri:  # the data is images ⋈ decomposition: both fingerprints
         data_fp = storage.fingerprint("images+decomposition", {}, [images_fp,
@@ -55,7 +67,7 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool
         cfg.tracking, cfg.model_dump(mode="json"), "tokenizer", cfg.tokenizer.method, spec, code, data_fp, tags,
         cfg.tokenizer.train.max_steps, warm_start, lambda logger, run_name, init: fit_tokenizer(
             images_uri, cfg.tokenizer, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"), run_name,
-            cfg.ray, logger, stop_after, init, decomposition_uri))
+            cfg.ray, logger, stop_after, init, decomposition_uri, perceptual))
 
 
 def decomposition_for(cfg: Config, images_uri: str) -> str | None:
@@ -74,7 +86,9 @@ def decomposition_for(cfg: Config, images_uri: str) -> str | None:
 
 def tokenize(cfg: Config, run_id: str) -> StageResult:
     """Beam job: the ``tokens/{fingerprint}`` dataset of a trained tokenizer run, in the layout its
-    method declares (recorded in the manifest, ``config.layout``)."""
+    method declares (recorded in the manifest, ``config.layout``); codebook usage over the whole
+    dataset is logged into the run (``dataset/…``)."""
+    from coarse2fine.evaluate.tokenizer_eval import dataset_codebook_stats
     from coarse2fine.train import checkpoints, tokenize as tok
     from coarse2fine.train.data import decomposition_columns
 
@@ -91,7 +105,10 @@ def tokenize(cfg: Config, run_id: str) -> StageResult:
         storage.code_version(tok, checkpoints, *method.model_modules()), schema.tokens_schema(layout), tok.token_rows(ckpt),
         (tags["c2f.decomposition"], decomposition_columns(tags["c2f.decomposition"])[1]) if k else None,
     )
-    mlflow.MlflowClient().set_tag(run_id, "c2f.tokens", result.uris["tokens"])
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "c2f.tokens", result.uris["tokens"])
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0)
+                                      for k, v in dataset_codebook_stats(result.uris["tokens"]).items()])
     return result
 
 
@@ -197,8 +214,12 @@ def evaluate_generator(cfg: Config, run_id: str) -> dict[str, list[dict]]:
             low = report.upsampling[-1]["input_resolution"]  # the grid shows the hardest case
             tracking.log_image_grid(report.upsampling_grid, "eval/upsampling.png",
                                     row_labels=[f"input {low}px", "upsampled", "original"])
+    # what this pair cannot do is named, not raised (e.g. stop scales over a dense-decoder tokenizer)
+    for table, why in report.not_applicable.items():
+        client.set_tag(run_id, f"c2f.not_applicable.{table}", why)
     _tag_evaluation(cfg, run_id, "generator", tags["c2f.method"], tags["c2f.tokenizer_method"])
-    return {report.table: report.rows, "upsampling": report.upsampling}
+    return {report.table: report.rows, "upsampling": report.upsampling,
+            "not applicable": [{"table": t, "why": why} for t, why in report.not_applicable.items()]}
 
 
 def _setting_label(key: str, row: dict) -> str:

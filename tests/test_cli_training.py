@@ -71,6 +71,14 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         first_key = row.column("key")[0].as_py()
         via_duckdb = duckdb.sql(f"select ids_2 from read_parquet({listed}) where key = '{first_key}'").fetchall()
         assert list(via_duckdb[0][0]) == idx[0, 2].tolist()
+        # codebook usage over the whole tokens dataset, logged by tokenize, recounted by duckdb
+        metrics = mlflow.get_run(run_id).data.metrics
+        for s in range(3):
+            used = duckdb.sql(f"select count(distinct i) from (select unnest(flatten(ids_{s})) as i "
+                              f"from read_parquet({listed}))").fetchone()[0]
+            assert metrics[f"dataset/codebook_usage/scale_{s}"] == pytest.approx(used / 64)
+        assert metrics["dataset/images"] == tokens.num_rows
+        assert run.data.tags["c2f.perceptual"].startswith("LPIPS-style distance on the FID Inception stem")
 
         # same config again: the finished tokenizer is reused, not retrained
         assert main(["train-tokenizer", *sets(tmp_path)]) == 0

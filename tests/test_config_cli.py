@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from coarse2fine.pipelines.cli import main
-from coarse2fine.pipelines.config import ConfigError, load_config
+from coarse2fine.pipelines.config import ConfigError, load_config, table_variants
 
 REPO = Path(__file__).resolve().parents[1]
 C2F = str(Path(sys.executable).with_name("c2f"))
@@ -175,3 +175,42 @@ def test_demo_data_preprocess_inspect_end_to_end(tmp_path, capsys):
     w, h = Image.open(png).size
     assert w > 300 and h > 300
     assert main(["inspect", str(dec), "--key", "zzzz", "--png", str(png)]) == 2
+
+
+def test_sit_table5_rows_build_the_variants_they_name():
+    """Seed Table 5: eleven distinct SITs; each row's switches are what its name says."""
+    from coarse2fine.train import methods
+
+    sit = methods.tokenizer("sit")
+    count = {}
+    for name, overrides in table_variants(REPO / "configs/tables/sit_table5.yaml").items():
+        cfg = load_config(REPO / "configs/demo.yaml", overrides).tokenizer.model_config_for(64)
+        model = sit.build(cfg)
+        assert cfg.num_scales == (5 if name == "5 scales" else 4)
+        assert sit.describe(cfg) == "SIT" + {(True, True): "-SC", (True, False): "-SCE", (False, True): "-SCD",
+                                             (False, False): ""}[("SC encoder" in name or "SC both" in name,
+                                                                   "SC decoder" in name or "SC both" in name)]
+        assert (cfg.entropy_weight == 0) == ("no entropy" in name)
+        assert cfg.per_scale_codebooks == ("one codebook" not in name)
+        assert cfg.enc_per_scale_params == ("shared encoder" not in name and "shared both" not in name)
+        assert cfg.dec_per_scale_params == ("shared decoder" not in name and "shared both" not in name)
+        assert (cfg.dec_size is not None) == ("larger decoder" in name)
+        count[name] = sum(p.numel() for p in model.parameters())
+    assert len(count) == 11
+    sc = "4 scales, SC both"
+    assert count[f"{sc}, shared both"] < count[f"{sc}, shared encoder"] == count[f"{sc}, shared decoder"] < count[sc]
+    assert count[f"{sc}, one codebook"] < count[sc] == count["4 scales"] < count["5 scales"]
+    assert count["4 scales, larger decoder"] > count["4 scales"]
+
+
+@pytest.mark.parametrize("overlay, name, caps", [
+    ("sit-sce.yaml", "SIT-SCE", {"encode_prefix"}), ("sit-scd.yaml", "SIT-SCD", {"decode_prefix"}),
+    ("sit-dense.yaml", "SIT", set())])
+def test_sit_variant_overlays_are_the_seeds_configurations(overlay, name, caps):
+    from coarse2fine.train import methods
+
+    sit = methods.tokenizer("sit")
+    cfg = load_config([REPO / "configs/demo.yaml", REPO / "configs/overlays" / overlay]).tokenizer.model_config_for(64)
+    assert sit.describe(cfg) == name and sit.capabilities(cfg) == caps
+    if name != "SIT":  # SCE/SCD (seed §5.3): per-scale encoder, one decoder for all scales
+        assert cfg.enc_per_scale_params and not cfg.dec_per_scale_params

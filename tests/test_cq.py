@@ -146,6 +146,7 @@ def test_adversarial_step_with_lecam_updates_the_discriminator_averages():
     opt, d_opt = torch.optim.Adam(m.parameters(), 1e-3), torch.optim.Adam(disc.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4))
     metrics = tokenizer_train_step(m, opt, sched, torch.rand(2, 3, 32, 32), LossWeights(adversarial=0.1, lecam=0.001),
-                                   disc=disc, disc_optimizer=d_opt, groups=[("channel_0", 64, 16)])
+                                   disc=disc, disc_optimizer=d_opt, groups=[("channel_0", 64, 16)],
+                                   last_layer=methods.tokenizer("cq").last_layer(m))
     assert metrics["lecam"] >= 0 and "d_loss" in metrics and 0 < metrics["batch_usage/channel_0"] <= 1
     assert disc.ema_real.item() != 0 and disc.ema_fake.item() != 0

@@ -258,11 +258,13 @@ def test_adversarial_step_with_spectral_normalised_discriminator():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10))
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
     weights = LossWeights(adversarial=0.1, adversarial_start=1)
-    before = tokenizer_train_step(m, opt, sched, x, weights, step=0, disc=disc, disc_optimizer=d_opt)
+    last = [proj.weight for proj in m.patch_out]
+    before = tokenizer_train_step(m, opt, sched, x, weights, step=0, disc=disc, disc_optimizer=d_opt, last_layer=last)
     assert "g_adv" not in before  # not yet started
     d_before = [p.detach().clone() for p in disc.parameters()]
-    after = tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt)
+    after = tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt, last_layer=last)
     assert np.isfinite(after["g_adv"]) and np.isfinite(after["d_loss"]) and after["d_loss"] >= 0
+    assert np.isfinite(after["adaptive_weight"]) and after["adaptive_weight"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters()))
 
 

@@ -182,7 +182,8 @@ def test_two_workers_keep_parameters_in_sync(ray_session, tmp_path):
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
         for step in range(3):
             tokenizer_train_step(model, opt, sched, torch.rand(2, 3, 32, 32, generator=g),
-                                 LossWeights(adversarial=0.1), step=step, disc=disc, disc_optimizer=d_opt)
+                                 LossWeights(adversarial=0.1), step=step, disc=disc, disc_optimizer=d_opt,
+                                 last_layer=[proj.weight for proj in model.module.patch_out])
         params = torch.cat([p.detach().flatten() for p in [*model.module.parameters(), *disc.module.parameters()]]).double()
         torch.save({"init": init, "params": params, "codebook": model.module.quantizer.codebook.detach().clone()},
                    f"{cfg['out']}/rank{rank}.pt")

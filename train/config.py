@@ -37,10 +37,18 @@ class OptimConfig(Section):
 
 class TrainConfig(OptimConfig):
     """Tokenizer training (seed B.1: AdamW, warm-up over 10% then cosine, weight decay 1e-4), plus
-    the adversarial loss."""
+    the perceptual and adversarial losses (``train/losses.py``)."""
 
+    perceptual: Literal["auto", "lpips", "inception", "ms_ssim", "off"] = Field(
+        "auto", description="auto = LPIPS-VGG when its VGG16 weights are found (lpips_backbone, else torch hub's "
+                            "cache), else the LPIPS-style distance on the FID Inception's stem; ms_ssim = 1 - MS-SSIM")
+    perceptual_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1")
+    lpips_backbone: Optional[str] = Field(
+        None, description="URI of torchvision's VGG16 ImageNet state dict (vgg16-397923af.pth) for LPIPS")
     adversarial_weight: float = Field(0.1, ge=0, description="seed B.1: 0.1; 0 turns the discriminator off")
     adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
+    adaptive_weight: bool = Field(True, description="scale the adversarial loss by VQGAN's adaptive weight")
+    disc_lr: Optional[float] = Field(None, gt=0, description="the discriminator's learning rate; None = lr")
     lecam_weight: float = Field(0.0, ge=0, description="LeCam regularisation of the discriminator (CQ seed §3.2 uses "
                                 "it; 0.001 as MAGVIT-v2, the seed gives no weight); 0 = off (SIT has none)")
 

@@ -29,6 +29,7 @@ import torch
 from coarse2fine.preprocess import schema
 from coarse2fine.train import checkpoints, data
 from coarse2fine.train.config import OptimConfig, RayConfig, TokenizerConfig
+from coarse2fine.train.losses import PerceptualChoice, resolve_perceptual
 from coarse2fine.train.steps import unwrap, warmup_cosine
 from coarse2fine.train.tasks import GeneratorTask, Task, TokenizerTask
 
@@ -115,9 +116,9 @@ def _trainables(task: Task, tcfg: OptimConfig) -> tuple[dict[str, Any], dict[str
         optimizer, warmup_cosine(tcfg.max_steps, tcfg.warmup_frac, tcfg.schedule, tcfg.final_lr_frac))
     stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     extras = {}
-    for name, module in task.extras().items():
+    for name, (module, lr) in task.extras().items():
         module = ray.train.torch.prepare_model(module)
-        opt = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=tcfg.weight_decay,
                                 betas=(0.5, 0.9))  # VQGAN's discriminator betas
         extras[name] = (module, opt)
         stateful |= {name: module, f"{name}_optimizer": opt}
@@ -249,11 +250,15 @@ def ensure_ray(ray_cfg: RayConfig) -> dict[str, float]:
 def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, checkpoints_root: str,
                   run_name: str, ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
                   stop_after: int | None = None, init_checkpoint: str | None = None,
-                  decomposition_uri: str | None = None) -> FitResult:
+                  decomposition_uri: str | None = None, perceptual: PerceptualChoice | None = None) -> FitResult:
     """Train (or resume) the configured tokenizer method on the ``train`` split of an ``images``
-    dataset (joined by key with ``decomposition_uri`` for a method that takes bases, CART)."""
+    dataset (joined by key with ``decomposition_uri`` for a method that takes bases, CART), with
+    the ``perceptual`` loss the caller resolved (None: resolved here from ``tokenizer.train``,
+    without torch hub's cache)."""
     method = tokenizer.method_plugin()
-    task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train,
+    t = tokenizer.train
+    perceptual = perceptual or resolve_perceptual(t.perceptual, t.perceptual_weight, t.lpips_backbone)
+    task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train, perceptual,
                          decomposition_uri)
     return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
                "split == 'train'", init_checkpoint)

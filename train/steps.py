@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from coarse2fine.train.losses import (LossWeights, discriminator_hinge, generator_hinge, lecam_regularizer,
-                                      reconstruction_loss)
+from coarse2fine.train.losses import (LossWeights, adaptive_weight, discriminator_hinge, generator_hinge,
+                                      lecam_regularizer, reconstruction_loss)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "cosine",
@@ -30,26 +30,35 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.1, schedule: str = "c
 
 def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weights: LossWeights,
                          clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None,
-                         groups: list[tuple[str, int, int]] = (), bases: torch.Tensor | None = None
+                         groups: list[tuple[str, int, int]] = (), bases: torch.Tensor | None = None,
+                         perceptual: torch.nn.Module | None = None, last_layer: list[torch.Tensor] = ()
                          ) -> dict[str, float]:
     """One optimisation step on a batch of images in [0, 1] (and their Mumford–Shah ``bases`` for
     a model that takes them, CART); returns scalar metrics, including the share of each token
     group's codebook used by the batch (collapse shows from the first step): ``groups`` =
     (name, vocabulary, tokens) of the groups in the model's flat indices.
 
-    With a discriminator (and ``step >= weights.adversarial_start``) the tokenizer also gets the
-    hinge generator loss and the discriminator one hinge step on real vs reconstructed images.
+    Reconstruction loss = L2 (+ the ``perceptual`` distance). With a discriminator (and ``step >=
+    weights.adversarial_start``) the tokenizer also gets the hinge generator loss, scaled by VQGAN's
+    adaptive weight over the decoder's ``last_layer`` parameters, and the discriminator one hinge
+    step on real vs reconstructed images.
     """
     model.train()
     recon, indices, losses = model(x_B3HW) if bases is None else model(x_B3HW, bases)
     l2 = reconstruction_loss(recon, x_B3HW)
-    loss = weights.l2 * l2 + losses["aux"]
-    adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
+    rec = weights.l2 * l2
     scalars = {"l2": l2, **losses}
+    if perceptual is not None and weights.perceptual > 0:
+        p_loss = perceptual(recon, x_B3HW).mean()
+        rec = rec + weights.perceptual * p_loss
+        scalars["perceptual"] = p_loss
+    loss = rec + losses["aux"]
+    adversarial = disc is not None and weights.adversarial > 0 and step >= weights.adversarial_start
     if adversarial:
         g_adv = generator_hinge(disc(recon))
-        loss = loss + weights.adversarial * g_adv
-        scalars["g_adv"] = g_adv
+        w = adaptive_weight(rec, g_adv, list(last_layer)) if weights.adaptive else torch.ones(())
+        loss = loss + weights.adversarial * w * g_adv
+        scalars |= {"g_adv": g_adv, "adaptive_weight": w}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)

@@ -13,7 +13,7 @@ import torch
 from coarse2fine.preprocess.schema import TokenColumn
 from coarse2fine.train import data
 from coarse2fine.train.config import GeneratorTrainConfig, TrainConfig
-from coarse2fine.train.losses import LossWeights
+from coarse2fine.train.losses import LossWeights, PerceptualChoice, build_perceptual
 from coarse2fine.train.methods.base import GeneratorMethod, SampleSettings, TokenizerMethod, usage_groups
 from coarse2fine.train.models.discriminator import PatchDiscriminator
 from coarse2fine.train.steps import generator_train_step, tokenizer_eval_step, tokenizer_train_step, unwrap
@@ -34,8 +34,8 @@ class Task(Protocol):
 
     def build(self) -> torch.nn.Module: ...
 
-    def extras(self) -> dict[str, torch.nn.Module]:
-        """Further trained modules with their own AdamW (the discriminator), by name."""
+    def extras(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        """Further trained modules with their own AdamW and learning rate (the discriminator), by name."""
 
     def train_step(self, model, optimizer, scheduler, extras: dict, idx: torch.Tensor, step: int,
                    device: torch.device) -> dict[str, float]: ...
@@ -46,21 +46,23 @@ class Task(Protocol):
 
 class TokenizerTask:
     """A tokenizer on the ``images`` dataset (joined by key with ``decomposition_uri`` when its
-    method takes Mumford–Shah bases): L2 + the quantizer's loss (+ adversarial)."""
+    method takes Mumford–Shah bases): L2 + perceptual + the quantizer's loss (+ adversarial), with
+    the perceptual loss the stage resolved (``perceptual``)."""
 
     columns = ["key", "image"]
     betas = (0.9, 0.99)
 
-    def __init__(self, method: TokenizerMethod, model_cfg, train: TrainConfig,
+    def __init__(self, method: TokenizerMethod, model_cfg, train: TrainConfig, perceptual: PerceptualChoice,
                  decomposition_uri: str | None = None) -> None:
-        self.method, self.model_cfg, self.train = method, model_cfg, train
+        self.method, self.model_cfg, self.train, self.perceptual = method, model_cfg, train, perceptual
+        self._distance = None  # the perceptual module, built on the worker at the first step
         self.factors = method.factors(model_cfg)
         assert not self.factors or decomposition_uri, f"{method.name} reads the decomposition dataset"
         self.decomposition_uri = decomposition_uri
         self.groups = usage_groups(method.layout(model_cfg))
-        self.weights = LossWeights(adversarial=train.adversarial_weight,
+        self.weights = LossWeights(perceptual=train.perceptual_weight, adversarial=train.adversarial_weight,
                                    adversarial_start=int(train.adversarial_start * train.max_steps),
-                                   lecam=train.lecam_weight)
+                                   adaptive=train.adaptive_weight, lecam=train.lecam_weight)
 
     def load(self, rows, rank, world):
         self.images = data.decode_rows(rows["key"], rows["image"], rank, world)
@@ -75,12 +77,16 @@ class TokenizerTask:
         return self.method.build(self.model_cfg)
 
     def extras(self):
-        return {"disc": PatchDiscriminator()} if self.train.adversarial_weight > 0 else {}
+        lr = self.train.disc_lr or self.train.lr
+        return {"disc": (PatchDiscriminator(), lr)} if self.train.adversarial_weight > 0 else {}
 
     def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
         disc, disc_opt = extras.get("disc", (None, None))
+        if self._distance is None and self.perceptual.kind != "off":
+            self._distance = build_perceptual(self.perceptual).to(device)
         return tokenizer_train_step(model, optimizer, scheduler, self.images[idx].to(device), self.weights,
-                                    self.train.clip_norm, step, disc, disc_opt, self.groups, self._bases(idx, device))
+                                    self.train.clip_norm, step, disc, disc_opt, self.groups, self._bases(idx, device),
+                                    self._distance, self.method.last_layer(unwrap(model)))
 
     def preview(self, model, idx, device):
         x = self.images[idx[:PREVIEW]].to(device)

@@ -76,10 +76,13 @@ class ARSIT(GeneratorMethod):
         return {"forward_passes": forward_passes(model_cfg.num_scales * model_cfg.tokens_per_scale), "diffusion_passes": 0}
 
     def evaluate(self, pair, images_uri, cfg, settings, num_samples, seed):
-        """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``): the stop-scale rows below
-        the last scale and the upsampling rows only where the tokenizer supports them."""
+        """SIT Tables 2 and 4 in miniature (``evaluate/generator_eval.py``): stop-scale rows where the
+        tokenizer decodes partial sequences, else full-resolution samples block-averaged to the
+        tokenizer's evaluation resolutions (the seed's baseline rows); upsampling rows where it
+        encodes low resolutions; what does not apply is reported as such."""
         from coarse2fine.evaluate.generator_eval import evaluate_generator
 
         can = pair.supported()
         return evaluate_generator(pair.generator, pair.tokenizer, images_uri, cfg, settings, num_samples, seed,
-                                  stop_scales="stop_scale" in can, upsampling="upsample" in can)
+                                  stop_scales="stop_scale" in can, upsampling="upsample" in can,
+                                  baseline_resolutions=pair.tok_method.eval_resolutions(pair.tokenizer.cfg))

@@ -145,6 +145,11 @@ class TokenizerMethod(Method):
         """Reconstruction in [0, 1] at the input's resolution and the ids (B, L) in the order of
         :func:`usage_groups` of the layout (evaluation)."""
 
+    def last_layer(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The decoder's output layer (VQGAN's adaptive adversarial weight compares gradient norms
+        there): by default the output conv of the shared conv decoder (``models/conv_ae.py``)."""
+        return [model.decoder.body[-1].weight]
+
     def eval_resolutions(self, model_cfg) -> list[int]:
         """Resolutions the reconstruction table reports, full resolution first."""
         return [model_cfg.resolution]

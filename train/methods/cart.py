@@ -6,9 +6,9 @@ preprocessing with ``preprocess.decomposition.order`` ≥ ``order``). Tokens: on
 token map in sequence order — ``base_{i}`` (role ``base``, maps of growing side) then
 ``detail_{k}_{j}`` (role ``detail``, full-side maps of D_k, D_n first) — all ids into one codebook,
 whose vector dimension the layout records (``code_dim``) for the next-detail generator.
-Objective (``train/tasks.py``): L2 + VAR's VQ loss (the seed's "compound loss" (eq. 6) adds
-perceptual and adversarial terms; perceptual weights cannot be loaded offline, recorded on every
-run; ``tokenizer.train.adversarial_weight`` adds the project's hinge GAN loss).
+Objective (``train/tasks.py``): the seed's "compound loss" (eq. 6): L2 + VAR's VQ loss + the
+perceptual term (``tokenizer.train.perceptual``, recorded on every run) + the project's hinge GAN
+loss (``tokenizer.train.adversarial_weight``).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Tokens: one int32 column ``ids`` of C channel tokens per image (role ``channel``), each an id into
 a codebook of K vectors of dimension H1·W1. Objective (``train/tasks.py``): L2 + the codebook and
-commitment loss (eq. 3) + the project's hinge adversarial loss after ``adversarial_start``, with
-LeCam regularisation of the discriminator at ``tokenizer.train.lecam_weight`` (0.001 as MAGVIT-v2;
-the seed gives no weight). Not as the seed: its perceptual (LPIPS) term needs pretrained weights
-that cannot be loaded offline (recorded on every run), and its StyleGAN discriminator is the
-project's spectral-norm PatchGAN. The seed trains with Adam, lr 1e-4 decayed by cosine to 5e-5
+commitment loss (eq. 3) + the perceptual term (``tokenizer.train.perceptual``: LPIPS when its VGG
+weights are available, else the offline Inception-stem distance; recorded on every run) + the
+project's hinge adversarial loss after ``adversarial_start``, with LeCam regularisation of the
+discriminator at ``tokenizer.train.lecam_weight`` (0.001 as MAGVIT-v2; the seed gives no weight).
+Not as the seed: its StyleGAN discriminator is the project's spectral-norm PatchGAN. The seed trains with Adam, lr 1e-4 decayed by cosine to 5e-5
 (§4.1, following SeQ-GAN); our schedule decays to 0 after a warm-up.
 """
 

@@ -7,8 +7,8 @@ that generators multiply posterior samples by: 1 / std of posterior samples over
 ``CALIBRATION_IMAGES``) training images, measured when the tokens are written — LDM's
 ``scale_factor`` rule, of which MAR's constant 0.2325 is the value for its kl16 VAE. Objective
 (``train/tasks.py``): L2 + kl_weight · KL (+ the project's hinge adversarial loss when
-``tokenizer.train.adversarial_weight`` > 0); LDM's perceptual (LPIPS) term needs weights that
-cannot be loaded offline (recorded on every run).
+``tokenizer.train.adversarial_weight`` > 0) + LDM's perceptual term (``tokenizer.train.perceptual``:
+LPIPS when its VGG weights are available, else the offline Inception-stem distance; recorded on every run).
 """
 
 from __future__ import annotations

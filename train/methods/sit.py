@@ -70,6 +70,10 @@ class SIT(TokenizerMethod):
         recon, idx, _ = model(up)
         return F.avg_pool2d(recon.clamp(0, 1), R // r), idx
 
+    def last_layer(self, model):
+        """The per-scale output projections (together they produce every DWT coefficient)."""
+        return [proj.weight for proj in model.patch_out]
+
     def check_input_side(self, model_cfg: SITConfig, side: int) -> None:
         """A scale-causal SIT encodes R/2^k natively (k < number of scales)."""
         k = (model_cfg.resolution // side).bit_length() - 1 if 0 < side <= model_cfg.resolution else -1
