@@ -74,8 +74,8 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         # codebook usage over the whole tokens dataset, logged by tokenize, recounted by duckdb
         metrics = mlflow.get_run(run_id).data.metrics
         for s in range(3):
-            used = duckdb.sql(f"select count(distinct i) from (select unnest(flatten(ids_{s})) as i "
-                              f"from read_parquet({listed}))").fetchone()[0]
+            used = duckdb.sql(f"select count(distinct i) from (select unnest(ids_{s}) as i "
+                              f"from read_parquet({listed}))").fetchall()[0][0]
             assert metrics[f"dataset/codebook_usage/scale_{s}"] == pytest.approx(used / 64)
         assert metrics["dataset/images"] == tokens.num_rows
         assert run.data.tags["c2f.perceptual"].startswith("LPIPS-style distance on the FID Inception stem")
