@@ -77,11 +77,14 @@ def sample_row(sample_fn, classes: torch.Tensor, cfg: EvaluateConfig, ev: Evalua
         peak = torch.cuda.max_memory_allocated(device) / min(cfg.batch_size, len(classes)) / 2**20
     fake = torch.cat(images)  # (n, 3, r, r)
     metrics = {"n": len(fake), "images_per_s": len(fake) / seconds, "peak_mib_per_image": peak}
-    if ev is not None:
-        res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
-                                  ev.features(torch.split(fake, cfg.batch_size), desc=desc))
-        metrics |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
-    return SampledRow(fake, metrics)
+    return SampledRow(fake, metrics | (fid_metrics(ev, images_uri, fake, factor, cfg.batch_size, desc) if ev else {}))
+
+
+def fid_metrics(ev: Evaluator, images_uri: str, fake: torch.Tensor, factor: int, batch_size: int, desc: str) -> dict:
+    """FID/KID of ``fake`` against the real images block-averaged by ``factor``."""
+    res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
+                              ev.features(torch.split(fake, batch_size), desc=desc))
+    return {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
 
 
 def balanced_classes(n: int, num_classes: int, device) -> torch.Tensor:
@@ -135,13 +138,9 @@ def evaluate_generator(gen: torch.nn.Module, tok: torch.nn.Module, images_uri: s
         for r in sorted(set(baseline_resolutions) | {R}):
             factor = R // r
             fake = F.avg_pool2d(full.images, factor) if factor > 1 else full.images  # (n, 3, r, r)
-            metrics = dict(full.metrics)  # the throughput of generating at full resolution
-            if ev is not None:
-                res = ev.compare_features(ev.reference_features(images_uri, factor=factor),
-                                          ev.features(torch.split(fake, cfg.batch_size), desc=f"downsampled {r}px"))
-                metrics |= {"fid": res.fid, "kid": res.kid_mean, "n_real": res.n_real}
+            fid = fid_metrics(ev, images_uri, fake, factor, cfg.batch_size, f"downsampled {r}px") if ev else {}
             rows.append({"stop_scale": S, "resolution": r, "tokens": tokens, "forward_passes": forward_passes(tokens),
-                         "downsampled_from": R} | metrics | kv)
+                         "downsampled_from": R} | full.metrics | fid | kv)  # images/s: generating at full resolution
             grid_rows.append(_full_res(fake[:8], R))
     if not upsampling:
         na["upsampling"] = f"upsampling {NEEDS_ENCODER}"
