@@ -110,12 +110,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="tokenizer training steps (every variant)")
     ap.add_argument("--gen-steps", type=int, default=1000, help="AR-SIT training steps (Table 2)")
     ap.add_argument("--experiment", default="sit-tables")
+    ap.add_argument("--variants", nargs="*", help="only these rows of Table 1 / 5 (by name; finished runs are reused)")
     args = ap.parse_args()
     base = [f"tracking.experiment={args.experiment}", f"tokenizer.train.max_steps={args.steps}"]
-    if args.table == 1:
-        print_reconstruction(tokenizer_rows(base, TABLE1), f"SIT Table 1 in miniature ({args.steps} steps, full objective)")
-    elif args.table == 5:
-        print_reconstruction(tokenizer_rows(base, table_variants(TABLE5)), f"SIT Table 5 in miniature ({args.steps} steps)")
+    if args.table in (1, 5):
+        variants = TABLE1 if args.table == 1 else table_variants(TABLE5)
+        unknown = set(args.variants or ()) - set(variants)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; Table {args.table} has {list(variants)}")
+        chosen = {k: v for k, v in variants.items() if not args.variants or k in args.variants}
+        print_reconstruction(tokenizer_rows(base, chosen),
+                             f"SIT Table {args.table} in miniature ({args.steps} steps, full objective)")
     else:
         table2(base, args.gen_steps)
 
