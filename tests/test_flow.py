@@ -177,7 +177,7 @@ def test_flow_compares_pairs_and_a_failing_pair_fails_alone(tmp_path, prefect_en
     assert sit.transformer_passes == 12 and sit.diffusion_passes == 0
     assert (kl.tokens, kl.tokens_per_image) == ("continuous", 4 * 4 * 4) and kl.bits_per_image != kl.bits_per_image
     assert kl.diffusion_passes == kl.transformer_passes * 4  # tiny: 4 DDIM steps per MAR step
-    assert "| sit:ar_sit | discrete | 12 | 72 |" in first["comparison"]["markdown"]
+    assert "| sit:ar_sit | discrete | inception | 12 | 72 |" in first["comparison"]["markdown"]
 
     # the fixed re-run, with a transient error planted in the first tokenize call: Prefect retries it
     from coarse2fine.pipelines import stages

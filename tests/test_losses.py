@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train.losses import PerceptualChoice, adaptive_weight, build_perceptual, resolve_perceptual
 from coarse2fine.train.models.perceptual import vgg16_features
 
@@ -64,7 +65,7 @@ def test_auto_picks_lpips_when_the_weights_are_there_and_the_inception_stem_othe
     with fsspec.open(vgg_uri, "rb") as src:
         (tmp_path / "checkpoints" / "vgg16-397923af.pth").write_bytes(src.read())
     assert resolve_perceptual("auto", 0.1, None, str(tmp_path)).kind == "lpips"
-    with pytest.raises(FileNotFoundError, match="tokenizer.train.lpips_backbone"):
+    with pytest.raises(UserValueError, match="tokenizer.train.lpips_backbone"):
         resolve_perceptual("lpips", 0.1, "memory://nowhere/vgg16.pth")
     assert resolve_perceptual("ms_ssim", 0.1, None).kind == "ms_ssim"
     assert resolve_perceptual("lpips", 0.0, None).kind == "off"

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from coarse2fine.preprocess.errors import UserValueError
+
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights (IMAGENET1K_V1), LPIPS's backbone
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4  # VQGAN's calculate_adaptive_weight
 
@@ -59,7 +61,7 @@ def resolve_perceptual(kind: str, weight: float, backbone_uri: str | None, hub_d
     uri = backbone_uri or (str(Path(hub_dir) / "checkpoints" / VGG16_FILE) if hub_dir else None)
     found = uri is not None and fsspec.core.url_to_fs(uri)[0].exists(uri)
     if kind == "lpips" and not found:
-        raise FileNotFoundError(f"LPIPS needs torchvision's VGG16 weights ({VGG16_FILE}); not found at {uri}: "
+        raise UserValueError(f"LPIPS needs torchvision's VGG16 weights ({VGG16_FILE}); not found at {uri}: "
                                 "set tokenizer.train.lpips_backbone or choose perceptual: inception | ms_ssim | off")
     if kind == "auto":
         kind = "lpips" if found else "inception"
