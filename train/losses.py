@@ -58,11 +58,13 @@ def resolve_perceptual(kind: str, weight: float, backbone_uri: str | None, hub_d
 
     if weight == 0:
         return PerceptualChoice("off")
+    if kind not in ("auto", "lpips"):  # no backbone to look for (a gs:// URI would cost a round trip)
+        return PerceptualChoice(kind)
     uri = backbone_uri or (str(Path(hub_dir) / "checkpoints" / VGG16_FILE) if hub_dir else None)
     found = uri is not None and fsspec.core.url_to_fs(uri)[0].exists(uri)
     if kind == "lpips" and not found:
         raise UserValueError(f"LPIPS needs torchvision's VGG16 weights ({VGG16_FILE}); not found at {uri}: "
-                                "set tokenizer.train.lpips_backbone or choose perceptual: inception | ms_ssim | off")
+                             "set tokenizer.train.lpips_backbone or choose perceptual: inception | ms_ssim | off")
     if kind == "auto":
         kind = "lpips" if found else "inception"
     return PerceptualChoice(kind, uri if kind == "lpips" else None)
