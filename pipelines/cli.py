@@ -47,10 +47,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+NOISY_LOGGERS = ("apache_beam", "absl")  # Beam's job service and workers, and its gRPC dependency
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Beam's log lines, its worker "
+                                       "processes' included (quiet below errors by default).")) -> None:
     """coarse2fine's command line."""
+    if verbose:
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.INFO)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/demo.yaml); repeat to "
                          "layer an overlay such as infra/beam/dataflow.yaml on top. Commands that take --run default "
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
     handler.addFilter(lambda record: not getattr(record, "c2f_summary", False))  # `c2f run` prints it once
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    for noisy in ("apache_beam", "absl"):  # Beam's local job service relays worker chatter
+    for noisy in NOISY_LOGGERS:  # `--verbose` (`_root`) lowers them to INFO
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call at INFO
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from coarse2fine.preprocess import carry_over, dwt, images, mumford_shah, schema, sources, storage
+from coarse2fine.preprocess import beam_worker, carry_over, dwt, images, mumford_shah, schema, sources, storage
 from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.preprocess.config import (
     DataConfig,
@@ -56,16 +57,32 @@ def make_pipeline(pre: PreprocessConfig) -> beam.Pipeline:
     """A Beam pipeline on the configured runner.
 
     ``local`` forces the in-process FnApiRunner (the plain DirectRunner first tries to download
-    the Prism runner, which fails offline); ``num_workers > 1`` runs that many worker processes.
+    the Prism runner, which fails offline); ``num_workers > 1`` runs that many worker processes,
+    started through ``preprocess/beam_worker.py`` so that they log to the console only at the level
+    the driver's ``apache_beam`` logger has (the CLI: errors; ``c2f --verbose``: everything). Beam
+    then warns that ``in_memory`` mode gives no parallelism: it names the running mode, which is no
+    longer what picks the workers (our environment is), and the workers do run in parallel.
     Any other value is passed as ``--runner`` together with ``runner_options`` (Dataflow, Flink…).
     """
     if pre.runner == "local":
+        from apache_beam.portability.api import beam_provision_api_pb2
+        from apache_beam.runners.job.utils import dict_to_struct
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+        from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-        mode = "multi_processing" if pre.num_workers > 1 else "in_memory"
-        flags = [f"--direct_num_workers={pre.num_workers}", f"--direct_running_mode={mode}",
-                 "--default_sdk_harness_log_level=WARNING"]
-        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags + pre.runner_options))
+        level = logging.getLevelName(logging.getLogger("apache_beam").getEffectiveLevel())
+        flags = [f"--direct_num_workers={pre.num_workers}", f"--default_sdk_harness_log_level={level}"]
+        if pre.num_workers == 1:
+            return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags + pre.runner_options))
+        # the harness reads its log level from the provision info, which FnApiRunner leaves empty
+        provision = ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
+            retrieval_token="unused-retrieval-token",
+            pipeline_options=dict_to_struct({"default_sdk_harness_log_level": level})))
+        command = f"{shlex.quote(sys.executable)} -m {beam_worker.__name__} --log-level {level}"
+        runner = FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command),
+                             provision_info=provision)
+        return beam.Pipeline(runner=runner, options=PipelineOptions(flags + pre.runner_options))
     return beam.Pipeline(options=PipelineOptions([f"--runner={pre.runner}", *pre.runner_options]))
 
 
@@ -110,13 +127,13 @@ class _WriteShards(beam.PTransform):
         )
 
 
-def _finish(uri: str, run_id: str, table_schema, carried: list[dict] | None = None, **manifest) -> dict:
-    """List the shards a run wrote plus any ``carried`` over (an empty shard if none, so empty
-    datasets stay readable), then write the manifest last."""
-    shards = (carried or []) + storage.list_shards(uri, run_id)
+def _manifest_fields(attempt: storage.Attempt, table_schema, carried: list[dict] | None = None, **manifest) -> dict:
+    """:func:`storage.write_manifest`'s fields for an attempt: the shards the run wrote plus any
+    ``carried`` over (an empty shard if none, so empty datasets stay readable)."""
+    shards = (carried or []) + storage.list_shards(attempt.folder, attempt.run_id)
     if not shards:
-        shards = [storage.write_shard(uri, storage.shard_name(run_id, 0), table_schema.empty_table())]
-    return storage.write_manifest(uri, shards=shards, **manifest)
+        shards = [storage.write_shard(attempt.folder, storage.shard_name(attempt.run_id, 0), table_schema.empty_table())]
+    return manifest | {"shards": shards}
 
 
 def _num_shards(rows: int, pre: PreprocessConfig) -> int:
@@ -193,12 +210,28 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     done = storage.read_manifest(images_uri)
     if done is not None and storage.read_manifest(rejected_uri) is not None:
         log.info("ingest: reusing complete dataset %s", images_uri)
-        return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
-                           {"images": done["rows"], "rejected": done["counts"]["rejected"]}, True,
-                           counts=done["counts"])
-    for uri in (images_uri, rejected_uri):
-        storage.prepare_empty(uri)
+        return _reused_ingest(images_uri, rejected_uri)
     run_id = storage.new_run_id()
+    attempts = {"images": storage.begin(images_uri, run_id), "rejected": storage.begin(rejected_uri, run_id)}
+    try:
+        return _ingest_into(attempts, data, pre, store, listing, config, code, fp, t0)
+    except Exception:
+        for a in attempts.values():
+            storage.discard(a)
+        raise
+
+
+def _reused_ingest(images_uri: str, rejected_uri: str) -> StageResult:
+    done = storage.read_manifest(images_uri)
+    return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
+                       {"images": done["rows"], "rejected": done["counts"]["rejected"]}, True, counts=done["counts"])
+
+
+def _ingest_into(attempts: dict[str, storage.Attempt], data: DataConfig, pre: PreprocessConfig, store: StorageConfig,
+                 listing: sources.SourceListing, config: dict, code: str, fp: str, t0: float) -> StageResult:
+    """The Beam job and the commit of :func:`ingest`, writing into the run's ``attempts``."""
+    images_uri, rejected_uri = attempts["images"].uri, attempts["rejected"].uri
+    run_id = attempts["images"].run_id
     prev = carry_over.previous_ingest(store, config, listing, code)
     entries = [(u, n) for u, n in listing.entries if prev is None or (u, n) not in prev.seen]
     known = frozenset() if prev is None else frozenset(schema.read_table(prev.images_uri, ["key"]).column("key").to_pylist())
@@ -225,10 +258,11 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
         out.ok
         | "ByKey" >> beam.GroupByKey()
         | "Dedupe" >> beam.FlatMapTuple(_keep_first, known)
-        | "WriteImages" >> _WriteShards(images_uri, run_id, n_shards, schema.IMAGES, lambda kv: (r for _, r in kv))
+        | "WriteImages" >> _WriteShards(attempts["images"].folder, run_id, n_shards, schema.IMAGES,
+                                        lambda kv: (r for _, r in kv))
     )
     out.rejected | "WriteRejected" >> _WriteShards(
-        rejected_uri, run_id, _num_shards(1, pre), schema.REJECTED, lambda kv: (r for _, r in kv)
+        attempts["rejected"].folder, run_id, _num_shards(1, pre), schema.REJECTED, lambda kv: (r for _, r in kv)
     )
     result = p.run()
     result.wait_until_finish()
@@ -236,11 +270,12 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     carried = {"images": [], "rejected": []}
     old_counts = {"images": 0, "duplicates": 0, "rejected": 0}
     if prev is not None:
-        carried = {"images": carry_over.carry_shards(prev.images_uri, images_uri, prev.manifest),
-                   "rejected": carry_over.carry_shards(prev.rejected_uri, rejected_uri, schema.read_manifest(prev.rejected_uri))}
+        carried = {"images": carry_over.carry_shards(prev.images_uri, attempts["images"].folder, prev.manifest),
+                   "rejected": carry_over.carry_shards(prev.rejected_uri, attempts["rejected"].folder,
+                                                       schema.read_manifest(prev.rejected_uri))}
         old_counts = {k: prev.manifest["counts"][k] for k in old_counts}
-    rej_shards = storage.list_shards(rejected_uri, run_id)
-    img_shards = storage.list_shards(images_uri, run_id)
+    rej_shards = storage.list_shards(attempts["rejected"].folder, run_id)
+    img_shards = storage.list_shards(attempts["images"].folder, run_id)
     counts = {
         "skipped": listing.skipped,  # hidden files, not inputs
         "inputs": listing.num_inputs,
@@ -250,11 +285,15 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     }
     if counts["inputs"] != counts["images"] + counts["duplicates"] + counts["rejected"]:
         raise RuntimeError(f"ingest counts do not reconcile, no manifest written: {counts}")
-    carry_over.write_listing(images_uri, listing)
+    carry_over.write_listing(attempts["images"].folder, listing)
     inputs = {"source": data.source} | ({"carried_over_from": prev.images_uri} if prev else {})
     meta = dict(stage="ingest", fp=fp, config=config, inputs=inputs, code=code, counts=counts)
-    _finish(rejected_uri, run_id, schema.REJECTED, carried["rejected"], **meta)
-    _finish(images_uri, run_id, schema.IMAGES, carried["images"], **meta, extra={"classes": listing.classes})
+    parts = [(attempts["rejected"], _manifest_fields(attempts["rejected"], schema.REJECTED, carried["rejected"], **meta)),
+             (attempts["images"], _manifest_fields(attempts["images"], schema.IMAGES, carried["images"], **meta,
+                                                   extra={"classes": listing.classes}))]
+    if not storage.commit(parts):
+        log.info("ingest: another run completed %s first; reusing it", images_uri)
+        return _reused_ingest(images_uri, rejected_uri)
     log.info("ingest: %s", counts)
     return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
                        {"images": counts["images"], "rejected": counts["rejected"]}, False,
@@ -316,8 +355,25 @@ def run_image_stage(
     if done is not None:
         log.info("%s: reusing complete dataset %s", stage, uri)
         return StageResult(stage, {stage: uri}, {stage: done["rows"]}, True)
-    storage.prepare_empty(uri)
-    run_id = storage.new_run_id()
+    attempt = storage.begin(uri, storage.new_run_id())
+    try:
+        written = _image_stage_into(attempt, stage, src, images_uri, pre, store, config, code, fp,
+                                    table_schema, make_rows, join)
+    except Exception:
+        storage.discard(attempt)
+        raise
+    if written is None:
+        log.info("%s: another run completed %s first; reusing it", stage, uri)
+        return StageResult(stage, {stage: uri}, {stage: storage.read_manifest(uri)["rows"]}, True)
+    return StageResult(stage, {stage: uri}, {stage: written}, False, time.perf_counter() - t0)
+
+
+def _image_stage_into(attempt: storage.Attempt, stage: str, src: dict, images_uri: str, pre: PreprocessConfig,
+                      store: StorageConfig, config: dict, code: str, fp: str, table_schema, make_rows,
+                      join: tuple[str, list[str]] | None) -> int | None:
+    """The Beam job and the commit of :func:`run_image_stage` into ``attempt``: the rows published,
+    or None when another run completed the dataset first."""
+    uri, run_id = attempt.uri, attempt.run_id
     carried, todo, inputs = [], storage.shard_uris(images_uri), {"images": images_uri}
     prev_images = src["inputs"].get("carried_over_from")
     prev_src = storage.read_manifest(prev_images) if prev_images else None
@@ -325,7 +381,7 @@ def run_image_stage(
         if prev_src else None
     prev = storage.read_manifest(prev_uri) if prev_uri else None
     if prev is not None:  # the images carried over by ingest keep their rows here too
-        carried = carry_over.carry_shards(prev_uri, uri, prev)
+        carried = carry_over.carry_shards(prev_uri, attempt.folder, prev)
         old = {s["name"] for s in prev_src["shards"]}
         todo = [storage.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
         inputs["carried_over_from"] = prev_uri
@@ -343,13 +399,14 @@ def run_image_stage(
                    | "ReadDecomposition" >> beam.FlatMap(_decomposition_rows, join[1]))
             rows = {"images": rows, "decomposition": dec} | "JoinByKey" >> beam.CoGroupByKey() \
                 | "WithDecomposition" >> beam.FlatMap(_with_decomposition)
-        rows | "Write" >> _WriteShards(uri, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
+        rows | "Write" >> _WriteShards(attempt.folder, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
         p.run().wait_until_finish()
-    manifest = _finish(uri, run_id, table_schema, carried, stage=stage, fp=fp, config=config,
-                       inputs=inputs, code=code)
-    if manifest["rows"] != src["rows"]:
-        raise RuntimeError(f"{stage} wrote {manifest['rows']} rows for {src['rows']} images")
-    return StageResult(stage, {stage: uri}, {stage: manifest["rows"]}, False, time.perf_counter() - t0)
+    fields = _manifest_fields(attempt, table_schema, carried, stage=stage, fp=fp, config=config,
+                              inputs=inputs, code=code)
+    rows = sum(s["rows"] for s in fields["shards"])
+    if rows != src["rows"]:
+        raise RuntimeError(f"{stage} wrote {rows} rows for {src['rows']} images; nothing published")
+    return rows if storage.commit([(attempt, fields)]) else None
 
 
 def spectral_row(key: str, png: bytes, levels: int, dtype: str) -> dict:

@@ -2,7 +2,19 @@
 
 A dataset lives at ``{root}/{stage}/{fingerprint}/`` and is complete only once its
 ``_manifest.json`` exists. Readers take only the shards the manifest lists, so a crashed writer
-never leaves anything readable; a folder without a manifest is cleared and rebuilt.
+never leaves anything readable.
+
+Commit protocol (several runs may build one dataset at once: two ``c2f preprocess`` of the same
+source, a retried Prefect task beside a slow first try). Each run writes into its own attempt folder
+``{dataset}/_attempt-{run_id}/`` (invisible to ``part-*.parquet`` globs and to pyarrow's dataset
+discovery, which skips ``_`` names), with an ``_owner.json`` naming its host and pid. To publish, a
+run creates ``{dataset}/_commit.json`` exclusively (``open(mode="xb")``: O_EXCL on local disk,
+``ifGenerationMatch=0`` on GCS) and, holding it, removes whatever a crashed run left at the top,
+moves its files up, writes the manifest and releases the claim. A run that finds the dataset
+complete discards its attempt and reuses the dataset; one that finds another run's claim waits for
+that manifest, or takes the claim over once the claimant is dead (same host, pid gone) or the claim
+is older than :data:`COMMIT_STALE_S`. So a glob over a dataset folder reads exactly the manifest's
+rows, and no run deletes files another live run is writing.
 """
 
 from __future__ import annotations
@@ -10,8 +22,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
+import os
 import posixpath
+import socket
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,6 +49,8 @@ from coarse2fine.preprocess.schema import (  # noqa: F401  (reader side of the c
     shard_uris,
     url_to_fs,
 )
+
+log = logging.getLogger(__name__)
 
 
 def code_version(*modules: Any) -> str:
@@ -110,14 +129,6 @@ def dataset_uri(root: str, stage: str, fp: str) -> str:
     return join(root, stage, fp)
 
 
-def prepare_empty(uri: str) -> None:
-    """Clear an incomplete dataset folder (left by a crash) so it is rebuilt from scratch."""
-    fs, path = url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
-
-
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 
@@ -185,3 +196,162 @@ def write_manifest(
     payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     _write_bytes(fs, posixpath.join(path, MANIFEST), lambda f: f.write(payload))
     return manifest
+
+
+# ---------------------------------------------------------------- commit protocol (module docstring)
+
+ATTEMPT_PREFIX = "_attempt-"
+OWNER = "_owner.json"
+CLAIM = "_commit.json"
+COMMIT_STALE_S = 600.0
+"""A claim older than this is taken over: publishing moves a few files and writes one, seconds even
+on object stores, so a claim this old belongs to a run that died while publishing."""
+COMMIT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run's private folder inside a dataset (``folder``), where its shards are written."""
+
+    uri: str
+    run_id: str
+
+    @property
+    def folder(self) -> str:
+        return join(self.uri, f"{ATTEMPT_PREFIX}{self.run_id}")
+
+
+def _holder(run_id: str) -> bytes:
+    return json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "time": time.time()}).encode()
+
+
+def _alive(holder: dict) -> bool:
+    """False when ``holder`` (an owner or claim record) names a process of this host that is gone
+    (a pid reused since reads as alive: the claim then goes stale by age)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):  # gone meanwhile, or cut mid-write by a crash
+        return None
+
+
+def begin(uri: str, run_id: str) -> Attempt:
+    """Open a run's attempt folder in the dataset at ``uri`` (``_owner.json`` first)."""
+    attempt = Attempt(uri, run_id)
+    fs, path = url_to_fs(attempt.folder)
+    fs.makedirs(path, exist_ok=True)
+    _write_bytes(fs, posixpath.join(path, OWNER), lambda f: f.write(_holder(run_id)))
+    return attempt
+
+
+def _claim(uri: str, run_id: str, *, yield_to_manifest: bool) -> bool:
+    """Take the dataset's commit claim. With ``yield_to_manifest``, give up (False) as soon as the
+    dataset is complete; otherwise wait for the claimant or take a stale claim over."""
+    fs, path = url_to_fs(uri)
+    claim = posixpath.join(path, CLAIM)
+    waiting = False
+    while True:
+        fs.invalidate_cache(path)  # object-store listings are cached; other runs write here
+        if yield_to_manifest and read_manifest(uri) is not None:
+            return False
+        try:
+            with fs.open(claim, "xb") as f:
+                f.write(_holder(run_id))
+        except FileExistsError:
+            holder = _read_json(fs, claim)
+            if holder is None and not fs.exists(claim):
+                continue  # released meanwhile
+            if holder is None or not _alive(holder) or time.time() - holder["time"] > COMMIT_STALE_S:
+                log.warning("%s: taking over the commit claim of a run that is gone: %s", uri, holder)
+                fs.rm(claim)
+                continue
+            if not waiting:
+                log.info("%s: run %s (host %s, pid %s) is publishing it; waiting", uri,
+                         holder["run_id"], holder["host"], holder["pid"])
+                waiting = True
+            time.sleep(COMMIT_POLL_S)
+            continue
+        if yield_to_manifest and read_manifest(uri) is not None:
+            fs.rm(claim)
+            return False
+        return True
+
+
+def _move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """A rename on local disk; copy then delete on object stores (whose move is the same, or absent)."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.mv(src, dst)
+    else:
+        fs.copy(src, dst)
+        fs.rm(src)
+
+
+def _publish(attempt: Attempt, manifest: dict) -> dict:
+    """Holding the claim: clear what crashed runs left at the top (and an older manifest), move the
+    attempt's files up, write the manifest, remove the attempt folder."""
+    fs, path = url_to_fs(attempt.uri)
+    _, folder = url_to_fs(attempt.folder)
+    fs.invalidate_cache(path)
+    for p in fs.ls(path, detail=False):
+        name = posixpath.basename(p.rstrip("/"))
+        if name != CLAIM and not name.startswith(ATTEMPT_PREFIX):
+            fs.rm(p, recursive=True)
+    for p in fs.ls(folder, detail=False):
+        name = posixpath.basename(p)
+        if name != OWNER:
+            _move(fs, p, posixpath.join(path, name))
+    written = write_manifest(attempt.uri, **manifest)
+    fs.rm(folder, recursive=True)
+    return written
+
+
+def _remove_dead_attempts(uri: str) -> None:
+    """Attempt folders of this host's runs that are gone (another host's are left: their owner
+    cannot be checked from here)."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    for p in fs.glob(posixpath.join(path, f"{ATTEMPT_PREFIX}*")):
+        owner = _read_json(fs, posixpath.join(p, OWNER))
+        if owner is not None and not _alive(owner):
+            log.info("%s: removing the attempt of run %s (pid %s, gone)", uri, owner["run_id"], owner["pid"])
+            fs.rm(p, recursive=True)
+
+
+def discard(attempt: Attempt) -> None:
+    fs, folder = url_to_fs(attempt.folder)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def commit(parts: list[tuple[Attempt, dict]]) -> bool:
+    """Publish each ``(attempt, manifest fields)`` in order (:func:`write_manifest`'s keywords); the
+    last part's manifest marks the whole as complete. False when another run completed that last
+    dataset first: every attempt is discarded and the caller reuses what is there."""
+    claimed: list[str] = []
+    try:
+        for i, (attempt, _) in enumerate(reversed(parts)):
+            if not _claim(attempt.uri, attempt.run_id, yield_to_manifest=i == 0):
+                for a, _ in parts:
+                    discard(a)
+                return False
+            claimed.append(attempt.uri)
+        for attempt, manifest in parts:
+            _publish(attempt, manifest)
+            _remove_dead_attempts(attempt.uri)
+    finally:
+        for uri in claimed:
+            fs, path = url_to_fs(uri)
+            fs.rm(posixpath.join(path, CLAIM))
+    return True
