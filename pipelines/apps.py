@@ -159,3 +159,30 @@ def edit(cfg: Config, run_id: str, images: list[str], keep_scales: int, label: s
     _save_grid(torch.cat([x, kept, edited]).float().cpu().numpy(), out, run_id,
                ["input", f"first {keep_scales} scales", "edited"])
     return {"grid": out, "keep_scales": keep_scales}
+
+
+def decoded_tokens_row(tokens_uri: str, key: str) -> tuple[str, np.ndarray]:
+    """A tokens row decoded, for ``c2f inspect --png``: (caption, (H, W, 3) image in [0, 1]). The
+    row's image goes through the tokenizer checkpoint the manifest names (with its bases, for a
+    method that takes them); the ids that decoding used are compared with the row's, so the caption
+    says whether the picture is the decoding of exactly the stored tokens."""
+    from coarse2fine.preprocess import inspection, schema
+    from coarse2fine.train import data
+    from coarse2fine.train.checkpoints import load_model
+
+    manifest = schema.read_manifest(tokens_uri)
+    method, model = load_model(manifest["config"]["checkpoint"], "cpu", "tokenizer")
+    row = inspection.find_row(tokens_uri, key)
+    x_13HW = torch.from_numpy(inspection.source_image(tokens_uri, row["key"]))[None].float()
+    k = method.factors(model.cfg)
+    bases = data.load_bases(manifest["inputs"]["decomposition"], [row["key"]], k) if k else None
+    with torch.no_grad():
+        recon, ids = method.reconstruct(model, x_13HW, bases)
+    stored = [np.asarray(row[c["name"]]).ravel() for c in manifest["config"]["layout"] if c["vocab"]]
+    if stored:
+        flat = ids[0].reshape(-1).numpy()  # SIT's are (S, T) per image
+        differ = int((np.concatenate(stored) != flat).sum())
+        note = "exactly the row's ids" if differ == 0 else f"{differ} of {flat.size} ids differ from the row's"
+    else:
+        note = "the posterior mean"
+    return f"decoded by {method.name} ({note})", recon[0].permute(1, 2, 0).numpy()

@@ -207,7 +207,9 @@ def inspect(
     png: Optional[str] = typer.Option(None, "--png", help="Write the rendered row to this PNG."),
     head: int = typer.Option(3, "--head", min=0, help="Print the first rows' keys."),
 ) -> None:
-    """Print a dataset's schema, row count and manifest; render one row as a picture with --png."""
+    """Print a dataset's schema, row count and manifest; render one row as a picture with --png
+    (a tokens row: its image, id maps or latents, and its decoding by the tokenizer checkpoint)."""
+    from coarse2fine.pipelines import apps
     from coarse2fine.preprocess import inspection, storage
 
     info = inspection.describe(uri)
@@ -223,7 +225,8 @@ def inspect(
     if png and not key:
         raise UserError("--png needs --key")
     if key and png:
-        inspection.render_row(uri, key, png)
+        extra = [apps.decoded_tokens_row(uri, key)] if m["stage"] == "tokens" else []
+        inspection.render_row(uri, key, png, extra)
         out.print(f"wrote {png}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -34,7 +35,7 @@ def find_row(uri: str, key: str) -> dict:
     raise UserKeyError(f"key {key!r} not found in {uri}")
 
 
-def _source_image(uri: str, key: str):
+def source_image(uri: str, key: str):
     """The stored image of ``key``: in this dataset, or in the ``images`` dataset it was made from."""
     manifest = storage.read_manifest(uri)
     images_uri = uri if manifest["stage"] == "ingest" else manifest["inputs"].get("images")
@@ -43,8 +44,10 @@ def _source_image(uri: str, key: str):
     return schema.decode_image(find_row(images_uri, key)["image"])
 
 
-def render_row(uri: str, key: str, out_png: str) -> str:
-    """Render one row: the image, its DWT scales, its base/detail layers and edge maps."""
+def render_row(uri: str, key: str, out_png: str, extra: list[tuple[str, np.ndarray]] = ()) -> str:
+    """Render one row: the image, its DWT scales, its base/detail layers and edge maps, its token
+    id maps or latents; ``extra`` panels (title, (H, W, 3) array in [0, 1]) follow the image (the
+    CLI adds a tokens row's decoding)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,9 +55,13 @@ def render_row(uri: str, key: str, out_png: str) -> str:
 
     row = find_row(uri, key)
     panels: list[tuple[str, object, dict]] = []
-    image = _source_image(uri, row["key"])
+    image = source_image(uri, row["key"])
     if image is not None:
         panels.append(("image", image.transpose(1, 2, 0), {}))
+    panels += [(title, array, {}) for title, array in extra]
+    manifest = storage.read_manifest(uri)
+    if manifest["stage"] == "tokens":
+        panels += _token_panels(row, manifest["config"]["layout"])
     scales = sorted((k for k in row if k.startswith("scale_")), key=lambda k: int(k.split("_")[1]))
     if scales:
         arrays = [row[k].astype("float64") for k in scales]
@@ -78,8 +85,13 @@ def render_row(uri: str, key: str, out_png: str) -> str:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (title, img, kw) in zip(axes.ravel(), panels):
+        ids = kw.pop("ids", None)
         ax.imshow(img, interpolation="nearest", **kw)
         ax.set_title(title, fontsize=9)
+        if ids is not None:  # small id maps carry their numbers
+            for (i, j), v in np.ndenumerate(ids.filled(-1)):
+                if v >= 0:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white")
     fig.suptitle(f"{row['key'][:16]}…  ({uri})", fontsize=8)
     fig.tight_layout()
     fs, path = storage.url_to_fs(out_png)
@@ -87,6 +99,31 @@ def render_row(uri: str, key: str, out_png: str) -> str:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return out_png
+
+
+ANNOTATE_MAX = 64
+"""Id maps of at most this many tokens get each id written in its cell."""
+
+
+def _token_panels(row: dict, layout: list[dict]) -> list[tuple[str, object, dict]]:
+    """One panel per token column of the manifest's layout: id maps coloured by id (0 … vocab − 1;
+    a 1-D column, e.g. CQ's channel tokens, folded into rows of 8 in token order), latents as their
+    channel mean (``mean`` only; ``logvar`` is the posterior's spread)."""
+    panels = []
+    for col in layout:
+        a = np.asarray(row[col["name"]])
+        if col["vocab"]:
+            grid = a if a.ndim == 2 else np.pad(a.ravel(), (0, -a.size % 8), constant_values=-1).reshape(-1, 8)
+            grid = np.ma.masked_less(grid, 0)
+            shape = "×".join(map(str, a.shape))
+            kw = {"cmap": "viridis", "vmin": 0, "vmax": col["vocab"] - 1}
+            if a.size <= ANNOTATE_MAX:
+                kw["ids"] = grid
+            panels.append((f"{col['name']} ({col['role']}, {shape}, vocab {col['vocab']})", grid, kw))
+        elif col["name"] == "mean":
+            m = a.astype("float64").mean(axis=0)
+            panels.append((f"latent mean over {a.shape[0]} channels ({a.shape[1]}×{a.shape[2]})", m, {"cmap": "coolwarm"}))
+    return panels
 
 
 def _unit(a):

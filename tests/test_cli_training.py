@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import mlflow
 import pytest
 from conftest import assert_sample_grid
@@ -71,6 +72,17 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         first_key = row.column("key")[0].as_py()
         via_duckdb = duckdb.sql(f"select ids_2 from read_parquet({listed}) where key = '{first_key}'").fetchall()
         assert list(via_duckdb[0][0]) == idx[0, 2].tolist()
+        # `inspect --png` of a tokens row: the image, its decoding from exactly these ids, 3 id maps
+        from PIL import Image
+
+        from coarse2fine.pipelines.apps import decoded_tokens_row
+
+        caption, decoded = decoded_tokens_row(tokens_uri, first_key[:10])
+        assert caption == "decoded by sit (exactly the row's ids)"
+        np.testing.assert_allclose(decoded, model(x)[0][0].clamp(0, 1).permute(1, 2, 0).detach().numpy(), atol=1e-6)
+        png = tmp_path / "tokens_row.png"
+        assert main(["inspect", tokens_uri, "--key", first_key[:10], "--png", str(png)]) == 0
+        assert Image.open(png).size == (1200, 600)  # 5 panels: 2 rows of 4, 3 in each at 100 dpi
         # codebook usage over the whole tokens dataset, logged by tokenize, recounted by duckdb
         metrics = mlflow.get_run(run_id).data.metrics
         for s in range(3):
