@@ -47,6 +47,8 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+OUT_DIR = Path(".c2f/out")
+"""Where PNG outputs go without --out / --png: under the working folder's .c2f/ (git-ignored)."""
 NOISY_LOGGERS = ("apache_beam", "absl")  # Beam's job service and workers, and its gRPC dependency
 
 
@@ -64,6 +66,12 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see con
                          "layer an overlay such as infra/beam/dataflow.yaml on top. Commands that take --run default "
                          "to the config that run was trained with (found via tracking.uri).")
 SetOpt = typer.Option(None, "--set", help="Override a config value: dotted.key=value (repeatable).")
+
+
+def _output(path: Path) -> str:
+    """An output file's path, its folder created (the default ``OUT_DIR`` may not exist yet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 def _config(config: Optional[List[Path]], overrides: Optional[List[str]]) -> Config:
@@ -262,7 +270,7 @@ def compare(
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric to compare (repeatable); default fid, psnr."),
     config: Optional[List[Path]] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    png: Path = typer.Option(Path("comparison.png"), "--png", help="Where to write the comparison plot (not with --methods)."),
+    png: Path = typer.Option(OUT_DIR / "comparison.png", "--png", help="Where to write the comparison plot (not with --methods)."),
 ) -> None:
     """Table and plot of an experiment's runs, or with --methods the method table (Markdown, CSV and
     two plots under storage.root/comparison/); both are logged to MLflow as a comparison run."""
@@ -279,7 +287,7 @@ def compare(
         out.print(f"files: {', '.join(res.files)}   logged as MLflow run {res.run_id}", soft_wrap=True)
         return
     metrics = metric or ["fid", "psnr"]
-    table, png_path, run_id = cmp.compare(tracking_cfg, experiment, metrics, png)
+    table, png_path, run_id = cmp.compare(tracking_cfg, experiment, metrics, _output(png))
     _print_table(f"experiment {experiment}", list(table.columns), table.itertuples(index=False), "{:.4f}")
     out.print(f"plot: {png_path}   logged as MLflow run {run_id}")
 
@@ -381,7 +389,7 @@ def generate(
                                              help="Stop after this scale: a coarse image at its resolution (fast previews)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Parallel decoding steps of a masked generator "
                                         "(maskgit; default generator.steps, else 10)."),
-    out_png: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write (token ids go to OUT.tokens.npz)."),
+    out_png: Path = typer.Option(OUT_DIR / "grid.png", "--out", help="PNG grid to write (token ids go to OUT.tokens.npz)."),
     seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
     top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
@@ -391,7 +399,7 @@ def generate(
     decoding in --steps steps."""
     from coarse2fine.pipelines import apps
 
-    res = apps.generate(_run_config(config, set_, run), run, n, label, stop_scale, seed, str(out_png),
+    res = apps.generate(_run_config(config, set_, run), run, n, label, stop_scale, seed, _output(out_png),
                         **_settings(cfg_scale, temperature, top_k, top_p, steps))
     out.print(f"wrote {res['grid']} ({n} images, {res['resolution']}px, {res['num_tokens']} tokens each) "
               f"and {res['tokens']}; logged to run {run}")
@@ -403,7 +411,7 @@ def refine(
     tokens: Path = typer.Option(..., "--tokens", exists=True, dir_okay=False, help="OUT.tokens.npz written by `c2f generate`."),
     select: Optional[List[int]] = typer.Option(None, "--select", min=0, help="Row of the saved grid to refine (repeatable; default all)."),
     stop_scale: Optional[int] = typer.Option(None, "--stop-scale", min=1, help="Continue up to this scale (default: the last)."),
-    out_png: Path = typer.Option(Path("refined.png"), "--out", help="PNG grid to write."),
+    out_png: Path = typer.Option(OUT_DIR / "refined.png", "--out", help="PNG grid to write."),
     seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
     top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
@@ -411,7 +419,7 @@ def refine(
     """Continue chosen coarse previews to finer scales (their tokens are kept unchanged)."""
     from coarse2fine.pipelines import apps
 
-    res = apps.refine(_run_config(config, set_, run), run, str(tokens), select, stop_scale, seed, str(out_png),
+    res = apps.refine(_run_config(config, set_, run), run, str(tokens), select, stop_scale, seed, _output(out_png),
                         **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['resolution']}px) and {res['tokens']}")
 
@@ -422,7 +430,7 @@ def upsample(
     image: List[Path] = typer.Option(..., "--image", exists=True, dir_okay=False,
                                      help="Low-resolution square image, side = model resolution / 2^k (repeatable)."),
     label: Optional[str] = ClassOpt,
-    out_png: Path = typer.Option(Path("upsampled.png"), "--out", help="PNG grid: inputs (nearest) above outputs."),
+    out_png: Path = typer.Option(OUT_DIR / "upsampled.png", "--out", help="PNG grid: inputs (nearest) above outputs."),
     seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
     top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
@@ -430,7 +438,7 @@ def upsample(
     """Upsample: encode the low-resolution image into the first scales (scale-causal encoder), generate the rest."""
     from coarse2fine.pipelines import apps
 
-    res = apps.upsample(_run_config(config, set_, run), run, [str(p) for p in image], label, seed, str(out_png),
+    res = apps.upsample(_run_config(config, set_, run), run, [str(p) for p in image], label, seed, _output(out_png),
                           **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} ({res['input_resolution']}px → {res['resolution']}px)")
 
@@ -441,7 +449,7 @@ def edit(
     image: List[Path] = typer.Option(..., "--image", exists=True, dir_okay=False, help="Image to edit (repeatable)."),
     keep_scales: int = typer.Option(1, "--keep-scales", min=1, help="Coarse scales of the image to keep."),
     label: Optional[str] = ClassOpt,
-    out_png: Path = typer.Option(Path("edited.png"), "--out", help="PNG grid: input, kept scales, edit."),
+    out_png: Path = typer.Option(OUT_DIR / "edited.png", "--out", help="PNG grid: input, kept scales, edit."),
     seed: int = SeedOpt, cfg_scale: Optional[float] = CfgScaleOpt, temperature: Optional[float] = TempOpt,
     top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt,
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
@@ -449,7 +457,7 @@ def edit(
     """Edit: keep the coarse scales of an image and regenerate the finer ones under a new class."""
     from coarse2fine.pipelines import apps
 
-    res = apps.edit(_run_config(config, set_, run), run, [str(p) for p in image], keep_scales, label, seed, str(out_png),
+    res = apps.edit(_run_config(config, set_, run), run, [str(p) for p in image], keep_scales, label, seed, _output(out_png),
                       **_settings(cfg_scale, temperature, top_k, top_p))
     out.print(f"wrote {res['grid']} (kept {res['keep_scales']} scale(s))")
 

@@ -226,9 +226,11 @@ def test_generator_train_sample_refine_upsample_edit_evaluate(tmp_path, capsys, 
         elsewhere.mkdir()
         monkeypatch.chdir(elsewhere)
         capsys.readouterr()
-        assert main(["generate", "--run", run_id, "--n", "2", "--out", "own.png",
+        assert main(["generate", "--run", run_id, "--n", "2",
                      "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
-        assert (elsewhere / "own.png").is_file() and f"the one run {run_id} was trained with" in capsys.readouterr().err
+        assert f"the one run {run_id} was trained with" in capsys.readouterr().err
+        # the default output goes to the ignored .c2f/out/, not into the working folder
+        assert (elsewhere / ".c2f/out/grid.png").is_file() and not list(elsewhere.glob("*.png"))
         assert main(["generate", "--run", run_id, "--out", "own.png"]) == 2  # the default store here has no such run
         assert f"no MLflow run {run_id}" in capsys.readouterr().err
         monkeypatch.chdir(tmp_path)
