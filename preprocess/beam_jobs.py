@@ -127,13 +127,17 @@ class _WriteShards(beam.PTransform):
         )
 
 
-def _manifest_fields(attempt: storage.Attempt, table_schema, carried: list[dict] | None = None, **manifest) -> dict:
+def _manifest_fields(attempt: storage.Attempt, table_schema, carried: list[dict], classes: list[str] | None,
+                     **manifest) -> dict:
     """:func:`storage.write_manifest`'s fields for an attempt: the shards the run wrote plus any
-    ``carried`` over (an empty shard if none, so empty datasets stay readable)."""
-    shards = (carried or []) + storage.list_shards(attempt.folder, attempt.run_id)
+    ``carried`` over (an empty shard if none, so empty datasets stay readable), and what makes the
+    dataset self-describing: its ``columns`` (:func:`schema.column_docs`) and the class names its
+    ``label`` ids index (``classes``, from the images dataset)."""
+    shards = carried + storage.list_shards(attempt.folder, attempt.run_id)
     if not shards:
         shards = [storage.write_shard(attempt.folder, storage.shard_name(attempt.run_id, 0), table_schema.empty_table())]
-    return manifest | {"shards": shards}
+    return manifest | {"shards": shards, "extra": {"classes": classes, "columns": [  # a list: the schema's order
+        {"name": name, "doc": doc} for name, doc in schema.column_docs(table_schema).items()]}}
 
 
 def _num_shards(rows: int, pre: PreprocessConfig) -> int:
@@ -288,9 +292,8 @@ def _ingest_into(attempts: dict[str, storage.Attempt], data: DataConfig, pre: Pr
     carry_over.write_listing(attempts["images"].folder, listing)
     inputs = {"source": data.source} | ({"carried_over_from": prev.images_uri} if prev else {})
     meta = dict(stage="ingest", fp=fp, config=config, inputs=inputs, code=code, counts=counts)
-    parts = [(attempts["rejected"], _manifest_fields(attempts["rejected"], schema.REJECTED, carried["rejected"], **meta)),
-             (attempts["images"], _manifest_fields(attempts["images"], schema.IMAGES, carried["images"], **meta,
-                                                   extra={"classes": listing.classes}))]
+    parts = [(attempts[name], _manifest_fields(attempts[name], table_schema, carried[name], listing.classes, **meta))
+             for name, table_schema in (("rejected", schema.REJECTED), ("images", schema.IMAGES))]
     if not storage.commit(parts):
         log.info("ingest: another run completed %s first; reusing it", images_uri)
         return _reused_ingest(images_uri, rejected_uri)
@@ -401,7 +404,7 @@ def _image_stage_into(attempt: storage.Attempt, stage: str, src: dict, images_ur
                 | "WithDecomposition" >> beam.FlatMap(_with_decomposition)
         rows | "Write" >> _WriteShards(attempt.folder, run_id, _num_shards(max(new_rows, 1), pre), table_schema, make_rows)
         p.run().wait_until_finish()
-    fields = _manifest_fields(attempt, table_schema, carried, stage=stage, fp=fp, config=config,
+    fields = _manifest_fields(attempt, table_schema, carried, src.get("classes"), stage=stage, fp=fp, config=config,
                               inputs=inputs, code=code)
     rows = sum(s["rows"] for s in fields["shards"])
     if rows != src["rows"]:

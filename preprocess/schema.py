@@ -94,6 +94,55 @@ def decomposition_schema(resolution: int, order: int, dtype: str) -> pa.Schema:
     return pa.schema(fields)
 
 
+COLUMN_DOCS: dict[str, str] = {
+    "key": "sha256 of the normalised RGB pixels (preprocess/images.py); the join key of every dataset",
+    "source_uri": "the input it was read from",
+    "split": "'train' or 'validation', a deterministic function of key (data.validation_fraction)",
+    "width": "source width in px, before resize and centre crop",
+    "height": "source height in px, before resize and centre crop",
+    "label": "class id: an index into this manifest's `classes` (null = unlabelled)",
+    "image": "PNG, RGB 8-bit, data.resolution x data.resolution",
+    "stage": "the stage that rejected the input",
+    "error": "error class (e.g. UnidentifiedImageError, TooSmall, DecompressionBombError)",
+    "detail": "the error in words",
+    "wavelet": "'haar' (pywavelets' orthonormal Haar)",
+    "levels": "DWT levels L",
+    "scale_0": "approximation after L levels, (3, r/2^L, r/2^L), of the image in [0, 1]: values in [0, 2^L]",
+    r"scale_(\d+)": "scale s (1..L, coarse to fine) = level L-s+1's detail bands H, V, D stacked as 9 channels "
+                    "(H's R, G, B, then V's, then D's), (9, r/2^(L-s+1), r/2^(L-s+1)); level l's values in "
+                    "[-2^(l-1), 2^(l-1)]",
+    "order": "decomposition order n (layers peeled off)",
+    "alpha": "AT data-fidelity weight (CART seed, section 4)",
+    "lambda_": "AT edge-penalty weight",
+    "epsilon": "AT edge width in px",
+    "base": "B_n, the base after n smoothings, (3, r, r), values about [0, 1]",
+    r"detail_(\d+)": "D_k = B_(k-1) - B_k (B_0 = the image), (3, r, r), signed; image = base + sum of details",
+    r"edge_(\d+)": "AT edge indicator of the k-th smoothing, (r, r), in [0, 1] (1 = edge)",
+    r"iterations_(\d+)": "CG iterations of the k-th smoothing",
+    r"residual_(\d+)": "final relative residual of the k-th smoothing",
+    r"edge_fraction_(\d+)": "share of pixels with edge value above 0.5 in the k-th smoothing",
+    r"tv_reduction_(\d+)": "total variation of B_k relative to B_(k-1)",
+    r"(ids(_\d+)?|base_\d+|detail_\d+_\d+)": "token ids (int32) in [0, vocab); shape, vocab and role of each "
+                                                "column in config.layout",
+    "mean": "latent posterior mean (float16, C x h x w; multiply by config.layout's scale for unit variance)",
+    "logvar": "latent posterior log-variance (float16, C x h x w)",
+}
+"""What each column holds (value ranges, band order); a manifest's ``columns`` (:func:`column_docs`).
+Keys are exact names or regular expressions over numbered names."""
+
+
+def column_docs(table_schema: pa.Schema) -> dict[str, str]:
+    """The :data:`COLUMN_DOCS` entry of every column of ``table_schema`` (exact name first)."""
+    import re
+
+    docs = {}
+    for name in table_schema.names:
+        doc = COLUMN_DOCS.get(name) or next((d for k, d in COLUMN_DOCS.items() if re.fullmatch(k, name)), None)
+        assert doc is not None, f"column {name} has no entry in COLUMN_DOCS"
+        docs[name] = doc
+    return docs
+
+
 TOKENS_LAYOUT_VERSION = 2  # v1 (no layout: equal square int32 grids per scale) is rebuilt, see README
 TOKEN_ROLES = ("scale", "channel", "base", "detail", "latent")
 

@@ -63,6 +63,10 @@ def test_encode_writes_the_declared_layout(name):
     rows = [{"key": str(i), "label": None, "split": "train", **{k: v[i] for k, v in cols.items()}} for i in range(3)]
     table = schema.table_from_rows(rows, schema.tokens_schema(layout))
     assert table.num_rows == 3 and table.schema.field(layout[0].name).type.shape == list(layout[0].shape)
+    # the tokens manifest documents every column (ids, latents) of every method's layout
+    docs = schema.column_docs(table.schema)
+    assert list(docs) == table.schema.names
+    assert all(("token ids" in docs[c.name]) == bool(c.vocab) for c in layout)
 
 
 def test_layout_round_trips_through_the_manifest_json():

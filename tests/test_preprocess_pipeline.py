@@ -78,6 +78,27 @@ def test_images_dataset_contract(run):
         assert classes[row["label"]] == folder
 
 
+def test_every_manifest_documents_its_columns_and_class_names(run):
+    """Self-describing datasets: ``columns`` names every column a reader sees (from the Parquet
+    footer) and ``classes`` the names the ``label`` ids index, in every stage's manifest."""
+    _, results, _ = run
+    uris = {k: v for r in results for k, v in r.uris.items()}
+    classes = manifest(uris["images"])["classes"]
+    assert classes == sorted(classes) and len(classes) >= 2
+    for stage, uri in uris.items():
+        m = manifest(uri)
+        names = pq.read_schema(storage.shard_uris(uri)[0]).names
+        assert [c["name"] for c in m["columns"]] == names, stage
+        assert m["classes"] == classes, stage
+    spectral = {c["name"]: c["doc"] for c in manifest(uris["spectral"])["columns"]}
+    assert "H's R, G, B, then V's, then D's" in spectral["scale_1"] and "[0, 2^L]" in spectral["scale_0"]
+    t = storage.read_table(uris["spectral"])  # the documented value ranges hold
+    L = t.column("levels")[0].as_py()
+    assert 0 <= tensor_numpy(t.column("scale_0")).min() and tensor_numpy(t.column("scale_0")).max() <= 2 ** L
+    for s in range(1, L + 1):  # scale s is level L - s + 1: values within ±2^(L - s)
+        assert abs(tensor_numpy(t.column(f"scale_{s}"))).max() <= 2 ** (L - s) + 1e-6
+
+
 def test_spectral_and_decomposition_rows_match_the_math(run):
     (data, pre, _), (ing, spec, dec), _ = run
     images = {r["key"]: decode_image(r["image"]) for r in storage.read_table(ing.uris["images"]).to_pylist()}
