@@ -16,7 +16,7 @@ import yaml
 
 from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.config import TrackingConfig
-from coarse2fine.evaluate.tracking import MACHINE_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC, MlflowLogger  # noqa: F401
+from coarse2fine.evaluate.tracking import TRAIN_TIME_METRIC, MlflowLogger
 from coarse2fine.preprocess import storage
 from coarse2fine.preprocess.errors import UserKeyError
 
@@ -27,6 +27,10 @@ DATA_TAG = "c2f.data_fingerprint"  # the dataset a run trained on
 EVALUATED_TAG = "c2f.evaluated"  # fingerprint of the evaluation protocol last logged into a run
 STATUS_TAG = "c2f.status"  # "finished" or "paused at step N"
 CHECKPOINT_TAG = "c2f.checkpoint"
+EXTEND_TAG = "c2f.extend_key"  # fingerprint without train.max_steps: a longer run continues a shorter one
+STEPS_TAG = "c2f.max_steps"
+CONTINUED_TAG = "c2f.continued_from"  # the shorter finished run a longer one continued
+CONTINUED_CHECKPOINT_TAG = "c2f.continued_from_checkpoint"
 CONFIG_ARTIFACT = "c2f/config.yaml"  # the resolved config a run was started with (commands without --config load it)
 
 
@@ -50,6 +54,17 @@ def find_run(tracking_cfg: TrackingConfig, tags: dict[str, str]) -> mlflow.entit
     return runs[0] if runs else None
 
 
+def _by_extend_key(tracking_cfg: TrackingConfig, extend: str) -> list[mlflow.entities.Run]:
+    """Finished runs that differ from a spec only in ``train.max_steps`` (tag :data:`EXTEND_TAG`)."""
+    tracking.configure(tracking_cfg)
+    where = f"tags.`{EXTEND_TAG}` = '{extend}' and tags.`{STATUS_TAG}` = 'finished'"
+    return mlflow.search_runs(experiment_names=[tracking_cfg.experiment], filter_string=where, output_format="list")
+
+
+def _steps(run: mlflow.entities.Run) -> int:
+    return int(run.data.tags[STEPS_TAG])
+
+
 def _start(tracking_cfg: TrackingConfig, run_name: str, tags: dict[str, str], config: dict) -> str:
     with tracking.run(tracking_cfg, run_name=run_name, tags=tags) as active:
         tracking.log_config(config)
@@ -63,31 +78,54 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
                 data_fp: str, tags: dict[str, str], max_steps: int, warm_start: bool,
                 fit_fn: Callable) -> RunRef:
     """Reuse, resume or start the run of ``(kind, spec, data, code)`` and train it with
-    ``fit_fn(logger, run_name, init_checkpoint)`` (returns a :class:`train.launch.FitResult`).
+    ``fit_fn(logger, run_name, init_checkpoint, continue_from)`` (returns a :class:`train.launch.FitResult`).
 
     ``warm_start`` (nightly retraining): a new run starts from the weights of the latest finished
     run of the same lineage (same spec and code, any data) — or that run is reused when it already
-    saw this data. ``config`` (the whole config) is logged as the new run's parameters.
+    saw this data. Otherwise a new run whose spec differs from finished runs only in a larger
+    ``train.max_steps`` continues the one that trained longest (``continue_from``: its checkpoint,
+    with optimiser, schedule position and step), in a new MLflow run tagged :data:`CONTINUED_TAG`;
+    the shorter run stays as it was. ``config`` (the whole config) is logged as the new run's parameters.
     """
     lineage = storage.fingerprint(kind, spec, [], code)
     init = find_run(tracking_cfg, {LINEAGE_TAG: lineage, STATUS_TAG: "finished"}) if warm_start else None
     if init is not None and init.data.tags.get(DATA_TAG) == data_fp:
         log.info("train-%s: reusing run %s, it already saw this data", kind, init.info.run_id)
         return RunRef(init.info.run_id, init.data.tags[CHECKPOINT_TAG], True)
-    fp = storage.fingerprint(kind, spec, [data_fp] + ([init.data.tags[FINGERPRINT_TAG]] if init else []), code)
+    inputs = [data_fp] + ([init.data.tags[FINGERPRINT_TAG]] if init else [])
+    fp = storage.fingerprint(kind, spec, inputs, code)
+    unbounded = spec | {"train": {k: v for k, v in spec["train"].items() if k != "max_steps"}}
+    extend = storage.fingerprint(kind, unbounded, inputs, code)
     run_name = f"{kind}-{method}-{fp}"
     run = find_run(tracking_cfg, {FINGERPRINT_TAG: fp})
     if run is not None and run.data.tags.get(STATUS_TAG) == "finished":
         log.info("train-%s: reusing finished run %s", kind, run.info.run_id)
         return RunRef(run.info.run_id, run.data.tags[CHECKPOINT_TAG], True)
+    cont = None  # the checkpoint a longer run continues from (full state: weights, optimiser, step)
     if run is None:
+        done = _by_extend_key(tracking_cfg, extend) if init is None else []
+        base = max((r for r in done if _steps(r) < max_steps), key=_steps, default=None)
+        extra = {EXTEND_TAG: extend, STEPS_TAG: str(max_steps)}
+        if init:
+            extra["c2f.warm_start_from"] = init.info.run_id
+        if base:
+            cont = base.data.tags[CHECKPOINT_TAG]
+            extra |= {CONTINUED_TAG: base.info.run_id, CONTINUED_CHECKPOINT_TAG: cont}
         run_id = _start(tracking_cfg, run_name, {
             FINGERPRINT_TAG: fp, LINEAGE_TAG: lineage, DATA_TAG: data_fp, "c2f.kind": kind, "c2f.method": method,
-            **tags, **({"c2f.warm_start_from": init.info.run_id} if init else {})}, config)
+            **tags, **extra}, config)
         if init:
             log.info("train-%s: warm start from run %s", kind, init.info.run_id)
+        elif base:
+            log.info("train-%s: continuing run %s (finished at %d steps) to %d steps in a new run; the learning-rate "
+                     "schedule is stretched to %d steps from there", kind, base.info.run_id, _steps(base), max_steps,
+                     max_steps)
+        elif done:
+            log.info("train-%s: starting afresh: the runs of this config trained longer (%s steps), and a shorter "
+                     "schedule cannot continue them", kind, ", ".join(str(_steps(r)) for r in done))
     else:
         run_id = run.info.run_id
+        cont = run.data.tags.get(CONTINUED_CHECKPOINT_TAG)  # killed before its first checkpoint: continue again
         log.info("train-%s: resuming run %s from its last checkpoint", kind, run_id)
     client = mlflow.MlflowClient()
     log.info("train-%s: %s run %s (%s) — watch it with: mlflow ui --backend-store-uri %s", kind, method, run_id,
@@ -95,7 +133,8 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
     previous = client.get_run(run_id).data.metrics.get(TRAIN_TIME_METRIC, 0.0)
     t0 = time.perf_counter()
     try:
-        fit = fit_fn(MlflowLogger(tracking_cfg, run_id), run_name, init.data.tags[CHECKPOINT_TAG] if init else None)
+        fit = fit_fn(MlflowLogger(tracking_cfg, run_id), run_name, init.data.tags[CHECKPOINT_TAG] if init else None,
+                     cont)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

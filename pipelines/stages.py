@@ -65,9 +65,9 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool
         tags["c2f.decomposition"] = decomposition_uri
     return runs.tracked_fit(
         cfg.tracking, cfg.model_dump(mode="json"), "tokenizer", cfg.tokenizer.method, spec, code, data_fp, tags,
-        cfg.tokenizer.train.max_steps, warm_start, lambda logger, run_name, init: fit_tokenizer(
+        cfg.tokenizer.train.max_steps, warm_start, lambda logger, run_name, init, cont: fit_tokenizer(
             images_uri, cfg.tokenizer, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"), run_name,
-            cfg.ray, logger, stop_after, init, decomposition_uri, perceptual))
+            cfg.ray, logger, stop_after, init, decomposition_uri, perceptual, cont))
 
 
 def decomposition_for(cfg: Config, images_uri: str) -> str | None:
@@ -141,9 +141,9 @@ def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool
     return runs.tracked_fit(
         cfg.tracking, cfg.model_dump(mode="json"), "generator", method.name, spec,
         storage.code_version(*method.code_modules()), manifest["fingerprint"], tags, cfg.generator.train.max_steps,
-        warm_start, lambda logger, run_name, init: fit_generator(
+        warm_start, lambda logger, run_name, init, cont: fit_generator(
             tokens_uri, task, storage.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray, logger, stop_after,
-            init))
+            init, cont))
 
 
 def sample_settings(cfg: Config, **overrides):
@@ -249,8 +249,8 @@ def _tag_evaluation(cfg: Config, run_id: str, kind: str, method: str, tokenizer_
     from coarse2fine.evaluate.fid import machine, resolve_device
 
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, runs.PROTOCOL_TAG, protocol_fingerprint(cfg, kind))
-    client.set_tag(run_id, runs.MACHINE_TAG, machine(resolve_device(cfg.evaluate.device)))
+    client.set_tag(run_id, tracking.PROTOCOL_TAG, protocol_fingerprint(cfg, kind))
+    client.set_tag(run_id, tracking.MACHINE_TAG, machine(resolve_device(cfg.evaluate.device)))
     client.set_tag(run_id, runs.EVALUATED_TAG, evaluation_fingerprint(cfg, kind, method, tokenizer_method))
 
 

@@ -105,6 +105,16 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         assert resumed == paused and mlflow.get_run(resumed).data.tags["c2f.status"] == "finished"
         steps = [m.step for m in mlflow.MlflowClient().get_metric_history(resumed, "loss")]
         assert sorted(set(steps)) == list(range(6))
+        # "train longer": a larger max_steps continues the finished 6-step run (full state) in a new run
+        assert main(["train-tokenizer", *sets(tmp_path, "tokenizer.method=vit_vq", "tokenizer.train.max_steps=9")]) == 0
+        longer = capsys.readouterr().out.split("tokenizer run ")[1].split()[0]
+        longer_tags = mlflow.get_run(longer).data.tags
+        assert longer != resumed and longer_tags["c2f.continued_from"] == resumed
+        assert longer_tags["c2f.status"] == "finished"
+        assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(longer, "loss")) == [6, 7, 8]
+        state = torch.load(Path(longer_tags["c2f.checkpoint"]) / "state.pt", weights_only=False)
+        assert state["step"] == 9 and state["scheduler"]["last_epoch"] == 9
+        assert mlflow.get_run(resumed).data.tags["c2f.status"] == "finished"  # the 6-step run stays as it was
 
         assert main(["evaluate", "--run", resumed, *sets(tmp_path)]) == 0
         assert main(["compare", "--experiment", "tiny", "--metric", "psnr", "--metric", "rfid",

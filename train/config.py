@@ -49,6 +49,9 @@ class TrainConfig(OptimConfig):
     adversarial_start: float = Field(0.5, ge=0, le=1, description="fraction of max_steps before it starts (VQGAN disc_start)")
     adaptive_weight: bool = Field(True, description="scale the adversarial loss by VQGAN's adaptive weight")
     disc_lr: Optional[float] = Field(None, gt=0, description="the discriminator's learning rate; None = lr")
+    disc_channels: int = Field(64, ge=8, description="channels of the patch discriminator's first layer (VQGAN's "
+                               "NLayerDiscriminator ndf: 64; each further layer doubles them, up to 8x)")
+    disc_layers: int = Field(3, ge=1, description="its stride-2 convolutions (VQGAN's n_layers: 3)")
     lecam_weight: float = Field(0.0, ge=0, description="LeCam regularisation of the discriminator (CQ seed §3.2 uses "
                                 "it; 0.001 as MAGVIT-v2, the seed gives no weight); 0 = off (SIT has none)")
 

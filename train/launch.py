@@ -147,6 +147,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state = checkpoints.read_state(d, device)
     # Ray's list lags behind the disk after a kill: a newer complete checkpoint on disk wins
     state = checkpoints.newest_state(cfg["run_uri"], device, newer_than=ray_folder) or state
+    if state is None and cfg.get("continue_from"):  # a longer run continues a shorter one's full state
+        state = checkpoints.read_state(cfg["continue_from"], device)
     if state is not None:
         start = checkpoints.resume(stateful, state)
     elif cfg.get("init_checkpoint"):
@@ -189,9 +191,12 @@ def fit(
     stop_after: int | None = None,
     row_filter: str | None = None,
     init_checkpoint: str | None = None,
+    continue_from: str | None = None,
 ) -> FitResult:
     """Train (or resume) ``task`` on a dataset's rows (``row_filter``: a Ray Data expression).
-    A new run starts from the weights in ``init_checkpoint`` when given (a warm start).
+    A new run starts from the weights in ``init_checkpoint`` when given (a warm start), or from the
+    whole state in ``continue_from`` (a shorter run of the same spec: weights, optimisers, schedule
+    position, RNG and step; the schedule itself is this run's, so it stretches to ``max_steps``).
 
     ``stop_after`` ends this invocation after that many total steps with a checkpoint (a later
     call with the same ``run_name`` resumes), e.g. to fit a run into preemptible time slots.
@@ -212,7 +217,8 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after,
-                           "init_checkpoint": init_checkpoint, "run_uri": schema.join(checkpoints_root, run_name)},
+                           "init_checkpoint": init_checkpoint, "continue_from": continue_from,
+                           "run_uri": schema.join(checkpoints_root, run_name)},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -250,7 +256,8 @@ def ensure_ray(ray_cfg: RayConfig) -> dict[str, float]:
 def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, checkpoints_root: str,
                   run_name: str, ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
                   stop_after: int | None = None, init_checkpoint: str | None = None,
-                  decomposition_uri: str | None = None, perceptual: PerceptualChoice | None = None) -> FitResult:
+                  decomposition_uri: str | None = None, perceptual: PerceptualChoice | None = None,
+                  continue_from: str | None = None) -> FitResult:
     """Train (or resume) the configured tokenizer method on the ``train`` split of an ``images``
     dataset (joined by key with ``decomposition_uri`` for a method that takes bases, CART), with
     the ``perceptual`` loss the caller resolved (None: resolved here from ``tokenizer.train``,
@@ -261,16 +268,17 @@ def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, 
     task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train, perceptual,
                          decomposition_uri)
     return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
-               "split == 'train'", init_checkpoint)
+               "split == 'train'", init_checkpoint, continue_from)
 
 
 def fit_generator(tokens_uri: str, task: GeneratorTask, checkpoints_root: str, run_name: str,
                   ray_cfg: RayConfig | None = None, logger: MetricsLogger | None = None,
-                  stop_after: int | None = None, init_checkpoint: str | None = None) -> FitResult:
+                  stop_after: int | None = None, init_checkpoint: str | None = None,
+                  continue_from: str | None = None) -> FitResult:
     """Train (or resume) a generator task on the ``train`` split of a ``tokens`` dataset (validation
     images stay unseen, so upsampling/editing are evaluated on images the generator never trained on)."""
     return fit(task, tokens_uri, task.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
-               "split == 'train'", init_checkpoint)
+               "split == 'train'", init_checkpoint, continue_from)
 
 
 def ray_storage(root: str):

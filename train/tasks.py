@@ -78,7 +78,8 @@ class TokenizerTask:
 
     def extras(self):
         lr = self.train.disc_lr or self.train.lr
-        return {"disc": (PatchDiscriminator(), lr)} if self.train.adversarial_weight > 0 else {}
+        disc = PatchDiscriminator(self.train.disc_channels, self.train.disc_layers)
+        return {"disc": (disc, lr)} if self.train.adversarial_weight > 0 else {}
 
     def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
         disc, disc_opt = extras.get("disc", (None, None))
