@@ -289,13 +289,17 @@ def _claim(uri: str, run_id: str, *, yield_to_manifest: bool) -> bool:
         return True
 
 
-def _move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """A rename on local disk; copy then delete on object stores (whose move is the same, or absent)."""
+def _move(fs: fsspec.AbstractFileSystem, sources: list[str], targets: list[str]) -> None:
+    """Renames on local disk; on object stores one batched copy (gcsfs runs the copies concurrently:
+    a dataset of thousands of shards publishes in seconds), then one batched delete."""
+    if not sources:
+        return
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        fs.mv(src, dst)
+        for src, dst in zip(sources, targets):
+            fs.mv(src, dst)
     else:
-        fs.copy(src, dst)
-        fs.rm(src)
+        fs.copy(sources, targets)
+        fs.rm(sources)
 
 
 def _publish(attempt: Attempt, manifest: dict) -> dict:
@@ -308,10 +312,8 @@ def _publish(attempt: Attempt, manifest: dict) -> dict:
         name = posixpath.basename(p.rstrip("/"))
         if name != CLAIM and not name.startswith(ATTEMPT_PREFIX):
             fs.rm(p, recursive=True)
-    for p in fs.ls(folder, detail=False):
-        name = posixpath.basename(p)
-        if name != OWNER:
-            _move(fs, p, posixpath.join(path, name))
+    files = [p for p in fs.ls(folder, detail=False) if posixpath.basename(p) != OWNER]
+    _move(fs, files, [posixpath.join(path, posixpath.basename(p)) for p in files])
     written = write_manifest(attempt.uri, **manifest)
     fs.rm(folder, recursive=True)
     return written
