@@ -250,6 +250,9 @@ def ensure_ray(ray_cfg: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         ray.init(address=ray_cfg.address, num_cpus=None if ray_cfg.address else ray_cfg.num_cpus,  # a cluster refuses num_cpus
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        log.info("Ray: %s, %d node(s), %g CPUs, %g GPUs", f"cluster at {ray_cfg.address}" if ray_cfg.address
+                 else "local", len(nodes), ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     return ray.cluster_resources()
 
 
