@@ -182,11 +182,12 @@ def run(
 
 @app.command()
 def deploy(
-    prefect_file: Path = typer.Option(Path("infra/prefect.yaml"), "--prefect-file", exists=True, dir_okay=False,
-                                      help="Deployments to create."),
+    prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", dir_okay=False,
+                                                help="Deployments to create (default: infra/prefect.yaml in --workdir)."),
     pool: str = typer.Option("c2f-process", "--pool", help="Process work pool (created if missing)."),
     workdir: Path = typer.Option(Path("."), "--workdir", file_okay=False,
-                                 help="Folder the deployment's runs start in (relative config paths resolve there)."),
+                                 help="Folder the deployment's runs start in (relative config paths resolve there): "
+                                      "a checkout of coarse2fine, or any folder holding its configs/ (and infra/)."),
     name: Optional[List[str]] = typer.Option(None, "--name", help="Deploy only this deployment (repeatable)."),
 ) -> None:
     """Create the work pool and the deployments (full-pipeline/demo, full-pipeline/compare, full-pipeline/nightly-retrain)
@@ -198,14 +199,21 @@ def deploy(
     if not os.environ.get("PREFECT_API_URL"):
         raise UserError("PREFECT_API_URL is not set: start a server (prefect server start) and export "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    workdir = workdir.resolve()
+    prefect_file = (prefect_file or workdir / "infra/prefect.yaml").resolve()
+    if not prefect_file.is_file():
+        raise UserError(f"{prefect_file} does not exist: pass --prefect-file, or a --workdir holding infra/prefect.yaml")
+    if not (workdir / "configs/demo.yaml").is_file():
+        raise UserError(f"--workdir {workdir} has no configs/demo.yaml, which the deployments' runs read there: "
+                        "pass the folder of a coarse2fine checkout")
     prefect = str(Path(sys.executable).with_name("prefect"))
-    env = os.environ | {"C2F_WORKDIR": str(workdir.resolve())}
+    env = os.environ | {"C2F_WORKDIR": str(workdir)}
     subprocess.run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     targets = [a for n in name for a in ("--name", n)] if name else ["--all"]
     subprocess.run([prefect, "--no-prompt", "deploy", *targets, "--pool", pool, "--prefect-file", str(prefect_file)],
-                   check=True, env=env)
-    out.print(f"work pool {pool} and deployments ready; runs start in {workdir.resolve()}")
+                   check=True, env=env, cwd=workdir)
+    out.print(f"work pool {pool} and deployments ready; runs start in {workdir}")
 
 
 @app.command()

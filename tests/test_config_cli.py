@@ -175,6 +175,12 @@ def test_demo_data_preprocess_inspect_end_to_end(tmp_path, capsys):
     w, h = Image.open(png).size
     assert w > 300 and h > 300
     assert main(["inspect", str(dec), "--key", "zzzz", "--png", str(png)]) == 2
+    # as its own process (how users run it): a clean exit every time, not an abort at interpreter exit
+    c2f = str(Path(sys.executable).with_name("c2f"))
+    for _ in range(3):
+        done = subprocess.run([c2f, "inspect", str(dec), "--key", key, "--png", str(png)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
 
 
 def test_sit_table5_rows_build_the_variants_they_name():

@@ -72,11 +72,17 @@ def test_deployment_runs_through_server_and_worker(tmp_path):
                 assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(1)
 
-        workdir = tmp_path / "wd"
+        workdir = tmp_path / "wd"  # where runs start: a folder with the checkout's configs/ and infra/
         workdir.mkdir()
-        subprocess.run([str(BIN / "c2f"), "deploy", "--workdir", str(workdir),
-                        "--prefect-file", str(REPO / "infra/prefect.yaml")],
-                       env=env, check=True, capture_output=True, cwd=REPO, timeout=300)
+        for name in ("configs", "infra"):
+            (workdir / name).symlink_to(REPO / name)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        bad = subprocess.run([str(BIN / "c2f"), "deploy", "--workdir", str(elsewhere)], env=env, capture_output=True,
+                             text=True, cwd=elsewhere, timeout=300)
+        assert bad.returncode == 2 and "infra/prefect.yaml" in bad.stderr and len(bad.stderr.splitlines()) == 1
+        subprocess.run([str(BIN / "c2f"), "deploy", "--workdir", str(workdir)],  # from any folder, default file
+                       env=env, check=True, capture_output=True, cwd=elsewhere, timeout=300)
         nightly = get(api, "/deployments/name/full-pipeline/nightly-retrain")
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
         assert nightly["parameters"]["retrain"] is True and nightly["work_pool_name"] == "c2f-process"
