@@ -33,6 +33,17 @@ def tiny_configs(source: str, root: str, **pre) -> tuple[DataConfig, PreprocessC
     return data, PreprocessConfig(**params), StorageConfig(root=root)
 
 
+def pytest_configure(config):
+    """Without CUDA, Triton kernels run in Triton's CPU interpreter (read by triton when it is first
+    imported, so it is set before any test module imports it)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, with the reason, where torch sees no CUDA device."""
     import torch

@@ -29,6 +29,8 @@ class OptimConfig(Section):
                                 "(1 per worker: Ray sets OMP_NUM_THREADS). 2 on a 2-core machine with one worker")
     use_gpu: bool = False
     bf16: bool = Field(True, description="bf16 autocast when on GPU")
+    kernels: Literal["auto", "reference"] = Field(
+        "auto", description="auto = Triton kernels on CUDA where they exist (train/kernels/); reference = torch everywhere")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(100, ge=1, description="sample grid to MLflow every K steps")
@@ -64,7 +66,7 @@ class GeneratorTrainConfig(OptimConfig):
     schedule: Literal["cosine", "exponential"] = "exponential"
 
 
-RUN_ONLY_KEYS = {"log_every", "sample_every", "checkpoint_every", "torch_threads"}
+RUN_ONLY_KEYS = {"log_every", "sample_every", "checkpoint_every", "torch_threads", "kernels"}
 """Training settings that change how a run is executed or logged, not what it computes: not fingerprinted."""
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from coarse2fine.train.kernels.nearest_code import nearest_code
 from coarse2fine.train.models.blocks import GroupLinear
 
 
@@ -123,12 +124,12 @@ class EuclideanVQ(nn.Module):
         self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
 
     def nearest(self, z_BNd: torch.Tensor) -> torch.Tensor:
-        """Indices (B, N) of the nearest codes: argmin_k ‖z − e_k‖² = ‖z‖² − 2 z·e_k + ‖e_k‖² (eq. 2),
-        computed in at least fp32 (bf16 autocast would blur near ties)."""
-        dtype = torch.promote_types(z_BNd.dtype, torch.float32)
-        z, codes = z_BNd.detach().to(dtype), self.codebook.detach().to(dtype)
-        dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ codes.t() + codes.pow(2).sum(-1)  # (B, N, K)
-        return dist.argmin(-1)
+        """Indices (B, N) of the nearest codes: argmin_k ‖z − e_k‖² (eq. 2), in at least fp32 (bf16
+        autocast would blur near ties); fused on GPU (``kernels/nearest_code.py``)."""
+        B, N, d = z_BNd.shape
+        with torch.autocast(z_BNd.device.type, enabled=False):
+            idx = nearest_code(z_BNd.detach().reshape(B * N, d), self.codebook.detach(), "euclidean")
+        return idx.reshape(B, N)
 
     def forward(self, z_BND: torch.Tensor):
         """(quantized (B, N, D), indices (B, N), aux_loss) — the quantizer contract."""

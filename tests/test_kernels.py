@@ -1,0 +1,94 @@
+"""Triton kernels against their torch references and an independent brute force, run on CPU in
+Triton's interpreter (TRITON_INTERPRET=1), and the automatic choice between kernel and reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coarse2fine.train.kernels import nearest_code as nc
+
+triton = pytest.importorskip("triton", reason="the kernels' CPU tests need triton (the `test` extra installs it)")
+
+
+@pytest.fixture
+def interpreter():
+    """Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 where there is no CUDA)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CUDA machine runs the kernel natively (test_on_cuda_…)")
+
+
+def brute_force(z, codes, metric):
+    """One code at a time in float64: the index of the smallest distance (the first on ties)."""
+    out = []
+    for row in z.double():
+        best, best_k = float("inf"), -1
+        for k, c in enumerate(codes.double()):
+            d = float(((row - c) ** 2).sum()) if metric == "euclidean" else float(-(row @ c))
+            if d < best:
+                best, best_k = d, k
+        out.append(best_k)
+    return torch.tensor(out)
+
+
+# shapes off the tile sizes (32 rows, 64 codes, 32 dims) on every axis; D = 64 is CQ's H1·W1 at 64 px
+SHAPES = [(37, 100, 8), (64, 512, 32), (5, 70, 64), (33, 1000, 3)]
+
+
+@pytest.mark.parametrize("metric", nc.METRICS)
+@pytest.mark.parametrize("N,K,D", SHAPES)
+def test_kernel_finds_the_brute_force_nearest_code(interpreter, metric, N, K, D):
+    g = torch.Generator().manual_seed(N * K + D)
+    z, codes = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    if metric == "cosine":  # SIT: both sides l2-normalised
+        z, codes = F.normalize(z, dim=-1), F.normalize(codes, dim=-1)
+    got = nc.nearest_code_triton(z, codes, metric)
+    assert got.dtype == torch.int64 and got.shape == (N,)
+    assert torch.equal(got, brute_force(z, codes, metric))
+    assert torch.equal(nc.nearest_code_reference(z, codes, metric), got)
+
+
+def test_ties_go_to_the_lowest_index_in_kernel_and_reference(interpreter):
+    """Code 70 repeats code 3 (in another K tile): both pick 3, as torch's argmin does."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(130, 16, generator=g)
+    codes[70] = codes[3]
+    z = codes[[3, 3, 5]] + 1e-3 * torch.randn(3, 16, generator=g)
+    for metric in ("euclidean",):
+        assert nc.nearest_code_triton(z, codes, metric).tolist()[:2] == [3, 3]
+        assert nc.nearest_code_reference(z, codes, metric).tolist()[:2] == [3, 3]
+
+
+def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
+    """The kernel runs only on CUDA tensors; `train.kernels: reference` forces torch everywhere."""
+    calls = []
+    monkeypatch.setattr(nc, "nearest_code_triton", lambda *a, **k: calls.append(a))
+    z, codes = torch.randn(4, 8), torch.randn(10, 8)
+    assert torch.equal(nc.nearest_code(z, codes, "euclidean"), brute_force(z, codes, "euclidean"))
+    assert not calls
+    nc.force_reference(True)
+    try:
+        assert nc._FORCE_REFERENCE[0]
+    finally:
+        nc.force_reference(False)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_kernel_is_chosen_and_equals_the_reference(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    z, codes = torch.randn(4096, 64, generator=g).cuda(), torch.randn(16384, 64, generator=g).cuda()
+    used = []
+    kernel = nc.nearest_code_triton
+    monkeypatch.setattr(nc, "nearest_code_triton", lambda *a, **k: used.append(1) or kernel(*a, **k))
+    got = nc.nearest_code(z, codes, "euclidean")
+    assert used and torch.equal(got, nc.nearest_code_reference(z, codes, "euclidean"))
+    nc.force_reference(True)
+    try:
+        used.clear()
+        nc.nearest_code(z, codes, "euclidean")
+        assert not used
+    finally:
+        nc.force_reference(False)

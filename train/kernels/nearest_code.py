@@ -1,0 +1,110 @@
+"""Nearest-code search: the distance and its argmin fused, without the (N, K) distance matrix.
+
+``nearest_code(z_ND, codes_KD, metric)`` → indices (N,) of
+
+* ``"euclidean"``: argmin_k ‖z − c_k‖² = argmin_k (‖c_k‖² − 2 z·c_k) (‖z‖² is the same for every k;
+  VQ-VAE / CQ seed eq. 2: CQ, CART, the spatial VQ baselines);
+* ``"cosine"``: argmax_k z·c_k for l2-normalised z and codes (SIT's factorised codes, §4.1).
+
+Two implementations behind this one function: the torch reference (fp32 matmul + argmin, any device)
+and a Triton kernel (one program per ``BLOCK_N`` rows; tiles of ``BLOCK_K`` codes × ``BLOCK_D``
+dimensions accumulate the dot products in fp32 with IEEE precision — no TF32 — and a running best
+value and index per row, so memory is O(N + K) whatever K is: K = 65,536 codes of CQ's long
+vectors never materialise N × K). The kernel runs where it helps — CUDA tensors, Triton importable
+— unless ``reference=True`` forces the torch path. Ties go to the lowest index in both (torch's
+argmin; the kernel updates only on a strictly better tile and takes each tile's first minimum). The
+CPU tests run the kernel under ``TRITON_INTERPRET=1``: the kernel is decorated on first use, so that
+setting is read then, not at import.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+METRICS = ("euclidean", "cosine")
+
+
+def nearest_code_reference(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str) -> torch.Tensor:
+    """The torch reference: scores (N, K) in at least fp32 (bf16 would blur near ties), then argmin."""
+    dtype = torch.promote_types(z_ND.dtype, torch.float32)
+    z, c = z_ND.to(dtype), codes_KD.to(dtype)
+    dots = z @ c.t()  # (N, K)
+    score = c.pow(2).sum(-1) - 2 * dots if metric == "euclidean" else -dots
+    return score.argmin(-1)
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+_FORCE_REFERENCE = [False]
+
+
+def force_reference(on: bool) -> None:
+    """Make :func:`nearest_code` take the torch reference everywhere (``train.kernels: reference``;
+    set by the training loop, like ``torch.backends`` flags)."""
+    _FORCE_REFERENCE[0] = on
+
+
+def nearest_code(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str, reference: bool = False) -> torch.Tensor:
+    """Indices (N,) of the nearest codes (module docstring): the Triton kernel for fp32/bf16/fp16
+    CUDA tensors when Triton imports, else (or when forced) the reference."""
+    assert metric in METRICS, f"metric must be one of {METRICS}, not {metric!r}"
+    assert z_ND.dim() == 2 and codes_KD.dim() == 2 and z_ND.shape[1] == codes_KD.shape[1], (z_ND.shape, codes_KD.shape)
+    if (reference or _FORCE_REFERENCE[0] or not (z_ND.is_cuda and triton_available())
+            or torch.float64 in (z_ND.dtype, codes_KD.dtype)):
+        return nearest_code_reference(z_ND, codes_KD, metric)
+    return nearest_code_triton(z_ND, codes_KD, metric)
+
+
+def nearest_code_triton(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str,
+                        block_n: int = 32, block_k: int = 64, block_d: int = 32) -> torch.Tensor:
+    """The Triton kernel (any device Triton runs on; on CPU only under ``TRITON_INTERPRET=1``)."""
+    import triton
+
+    z, c = z_ND.float().contiguous(), codes_KD.float().contiguous()
+    (N, D), K = z.shape, c.shape[0]
+    norms = c.pow(2).sum(-1).contiguous()  # (K,): O(K) memory
+    out = torch.empty(N, dtype=torch.int64, device=z.device)
+    _kernel()[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, metric == "euclidean",
+                                          BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+    return out
+
+
+@functools.cache
+def _kernel():
+    """Decorated on first use (so ``TRITON_INTERPRET`` is read at that moment)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nearest_kernel(z_ptr, c_ptr, norm_ptr, out_ptr, N, K, D, euclidean: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+        best_i = tl.zeros((BLOCK_N,), tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                rd = d0 + tl.arange(0, BLOCK_D)
+                z = tl.load(z_ptr + rn[:, None] * D + rd[None, :], mask=(rn[:, None] < N) & (rd[None, :] < D), other=0.0)
+                c = tl.load(c_ptr + rk[None, :] * D + rd[:, None], mask=(rk[None, :] < K) & (rd[:, None] < D), other=0.0)
+                dots += tl.dot(z, c, input_precision="ieee")  # (BLOCK_N, BLOCK_D) @ (BLOCK_D, BLOCK_K)
+            if euclidean:
+                score = tl.load(norm_ptr + rk, mask=rk < K, other=0.0)[None, :] - 2 * dots
+            else:
+                score = -dots
+            score = tl.where(rk[None, :] < K, score, float("inf"))
+            tile_best = tl.min(score, axis=1)
+            tile_i = tl.argmin(score, axis=1).to(tl.int64) + k0
+            better = tile_best < best
+            best = tl.where(better, tile_best, best)
+            best_i = tl.where(better, tile_i, best_i)
+        tl.store(out_ptr + rn, best_i, mask=rn < N)
+
+    return nearest_kernel
