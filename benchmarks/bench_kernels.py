@@ -1,4 +1,6 @@
-"""Fused nearest-code search (``train/kernels/nearest_code.py``) vs ``torch.cdist`` + ``argmin``.
+"""Triton kernels vs their baselines: fused nearest-code search (``train/kernels/nearest_code.py``)
+vs ``torch.cdist`` + ``argmin``, and one Haar DWT level (``train/kernels/haar.py``) vs the torch
+reference and ``pywt.dwt2``.
 
     python benchmarks/bench_kernels.py [--repeats 5]
 
@@ -6,8 +8,9 @@ For each (N vectors, K codes, D dims) — SIT's factorised codes (D 8–32, cosi
 vectors (D = H1·W1 = 256 at 256 px) and spatial VQ (D 8–64), K up to 65,536 — the median seconds
 and peak device memory of: the baseline ``torch.cdist(z, codes).argmin(-1)``, our torch reference
 (one fp32 matmul, argmin) and, on CUDA, the Triton kernel; ratios baseline / ours in the same
-process. On CPU only the baseline and the reference run (the kernel's interpreter is for
-correctness, not speed): the GPU rows are pending until a GPU is lent.
+process. The Haar rows give achieved GB/s (bytes read + written per second) to compare with the
+device's memory bandwidth. On CPU only the baselines and the references run (the kernels'
+interpreter is for correctness, not speed): the GPU rows are pending until a GPU is lent.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import platform
 import statistics
 import time
 
+import pywt
 import torch
 
-from coarse2fine.train.kernels.nearest_code import nearest_code_reference, nearest_code_triton, triton_available
+from coarse2fine.train.kernels import haar, triton_available
+from coarse2fine.train.kernels.nearest_code import nearest_code_reference, nearest_code_triton
 
 CASES = [  # (name, N, K, D, metric)
     ("SIT scale tokens", 8192, 4096, 16, "cosine"),
@@ -71,6 +76,20 @@ def main() -> None:
         else:
             tail = "pending (no GPU) | – | –"
         print(f"| {case} | {N} | {K} | {D} | {base_t:.4f} | {ref_t:.4f} | {tail} |", flush=True)
+    print("\n| Haar level, input | pywt.dwt2 s (CPU, float64) | torch reference s | reference GB/s | kernel s | kernel GB/s |")
+    print("|---|---|---|---|---|---|")
+    for B, side in ((64, 256), (16, 1024)):
+        B = max(1, int(B * args.scale))
+        x = torch.randn(B, 3, side, side, device=device)
+        moved = 2 * x.numel() * x.element_size()  # read x once, write A and HVD (as many values)
+        pywt_t = timed(lambda: pywt.dwt2(x.cpu().double().numpy(), "haar", axes=(-2, -1)), 1, torch.device("cpu"))[0]
+        ref_t = timed(lambda: haar.haar_level_reference(x), args.repeats, device)[0]
+        if gpu:
+            ker_t = timed(lambda: haar.haar_level_triton(x), args.repeats, device)[0]
+            tail = f"{ker_t:.4f} | {moved / ker_t / 1e9:.0f}"
+        else:
+            tail = "pending (no GPU) | –"
+        print(f"| {B}×3×{side}² | {pywt_t:.4f} | {ref_t:.4f} | {moved / ref_t / 1e9:.1f} | {tail} |", flush=True)
 
 
 if __name__ == "__main__":

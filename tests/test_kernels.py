@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coarse2fine.train import kernels
 from coarse2fine.train.kernels import nearest_code as nc
 
 triton = pytest.importorskip("triton", reason="the kernels' CPU tests need triton (the `test` extra installs it)")
@@ -69,11 +70,11 @@ def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
     z, codes = torch.randn(4, 8), torch.randn(10, 8)
     assert torch.equal(nc.nearest_code(z, codes, "euclidean"), brute_force(z, codes, "euclidean"))
     assert not calls
-    nc.force_reference(True)
+    kernels.force_reference(True)
     try:
-        assert nc._FORCE_REFERENCE[0]
+        assert kernels._FORCE_REFERENCE[0]
     finally:
-        nc.force_reference(False)
+        kernels.force_reference(False)
 
 
 @pytest.mark.gpu
@@ -85,10 +86,65 @@ def test_on_cuda_the_kernel_is_chosen_and_equals_the_reference(monkeypatch):
     monkeypatch.setattr(nc, "nearest_code_triton", lambda *a, **k: used.append(1) or kernel(*a, **k))
     got = nc.nearest_code(z, codes, "euclidean")
     assert used and torch.equal(got, nc.nearest_code_reference(z, codes, "euclidean"))
-    nc.force_reference(True)
+    kernels.force_reference(True)
     try:
         used.clear()
         nc.nearest_code(z, codes, "euclidean")
         assert not used
     finally:
-        nc.force_reference(False)
+        kernels.force_reference(False)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_haar_kernels_are_chosen_and_equal_the_reference(monkeypatch):
+    from coarse2fine.train.kernels import haar
+
+    x = torch.randn(8, 3, 256, 256, device="cuda", requires_grad=True)
+    used = []
+    kernel = haar.haar_level_triton
+    monkeypatch.setattr(haar, "haar_level_triton", lambda t: used.append(1) or kernel(t))
+    approx, hvd = haar.haar_level(x)
+    a_ref, h_ref = haar.haar_level_reference(x)
+    assert used and torch.allclose(approx, a_ref, atol=1e-6) and torch.allclose(hvd, h_ref, atol=1e-6)
+    (approx.sum() + hvd.pow(2).sum()).backward()
+    assert torch.allclose(x.grad, torch.autograd.grad(a_ref.sum() + h_ref.pow(2).sum(), x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 2, 2), (3, 2, 6, 10), (2, 3, 64, 32)])
+def test_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(interpreter, shape):
+    """The forward kernel against pywt.dwt2 band by band; the inverse kernel undoes it; the
+    gradients of the autograd functions (inverse kernels as adjoints) equal the reference's."""
+    import numpy as np
+    import pywt
+
+    from coarse2fine.train.kernels import haar
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    approx, hvd = haar.haar_level_triton(x)
+    a_ref, (h_ref, v_ref, d_ref) = pywt.dwt2(x.double().numpy(), "haar", axes=(-2, -1))
+    C = shape[1]
+    np.testing.assert_allclose(approx.numpy(), a_ref, atol=1e-5)
+    for k, band in enumerate((h_ref, v_ref, d_ref)):
+        np.testing.assert_allclose(hvd[:, k * C:(k + 1) * C].numpy(), band, atol=1e-5)
+    assert torch.allclose(haar.ihaar_level_triton(approx, hvd), x, atol=1e-5)
+
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w_a, w_h = torch.randn_like(approx), torch.randn_like(hvd)
+    ((haar._HaarFn.apply(xk)[0] * w_a).sum() + (haar._HaarFn.apply(xk)[1] * w_h).sum()).backward()
+    a2, h2 = haar.haar_level_reference(xr)
+    ((a2 * w_a).sum() + (h2 * w_h).sum()).backward()
+    assert torch.allclose(xk.grad, xr.grad, atol=1e-5)
+    ak, hk = approx.clone().requires_grad_(), hvd.clone().requires_grad_()
+    w = torch.randn_like(x)
+    (haar._IHaarFn.apply(ak, hk) * w).sum().backward()
+    ar, hr = approx.clone().requires_grad_(), hvd.clone().requires_grad_()
+    (haar.ihaar_level_reference(ar, hr) * w).sum().backward()
+    assert torch.allclose(ak.grad, ar.grad, atol=1e-5) and torch.allclose(hk.grad, hr.grad, atol=1e-5)
+
+
+def test_haar_takes_the_reference_on_cpu(monkeypatch):
+    from coarse2fine.train.kernels import haar
+
+    monkeypatch.setattr(haar, "haar_level_triton", lambda *a: pytest.fail("kernel on a CPU tensor"))
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(haar.haar_level(x)[0], haar.haar_level_reference(x)[0])

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from coarse2fine.preprocess import schema
-from coarse2fine.train import checkpoints, data
-from coarse2fine.train.kernels import nearest_code
+from coarse2fine.train import checkpoints, data, kernels
 from coarse2fine.train.config import OptimConfig, RayConfig, TokenizerConfig
 from coarse2fine.train.losses import PerceptualChoice, resolve_perceptual
 from coarse2fine.train.steps import unwrap, warmup_cosine
@@ -139,7 +138,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     n = task.load(_read_rows(task), rank, world)
     if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
         torch.set_num_threads(tcfg.torch_threads)
-    nearest_code.force_reference(tcfg.kernels == "reference")
+    kernels.force_reference(tcfg.kernels == "reference")
     stateful, extras = _trainables(task, tcfg)
     model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
     start, state, ray_folder = 0, None, None

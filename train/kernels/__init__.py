@@ -1,3 +1,29 @@
 """Kernels: plain-PyTorch reference ops (always available) and, behind the same functions, Triton
-kernels chosen automatically on CUDA (``nearest_code``; the Haar DWT and block-causal attention
-still run their torch references everywhere)."""
+kernels chosen automatically for CUDA tensors: the fused nearest-code search (``nearest_code``)
+and the Haar DWT level and its inverse (``haar``). The block-causal attention still runs its torch
+reference everywhere. ``force_reference(True)`` (``train.kernels: reference``, set by the training
+loop like a ``torch.backends`` flag) makes every op take its torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+_FORCE_REFERENCE = [False]
+
+
+def force_reference(on: bool) -> None:
+    _FORCE_REFERENCE[0] = on
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_kernel(*tensors) -> bool:
+    """Whether the Triton kernel serves these tensors: all on CUDA, none float64, Triton importable,
+    not forced to the reference."""
+    import torch
+
+    return (not _FORCE_REFERENCE[0] and all(t.is_cuda and t.dtype != torch.float64 for t in tensors)
+            and triton_available())

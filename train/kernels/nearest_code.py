@@ -10,8 +10,8 @@ Two implementations behind this one function: the torch reference (fp32 matmul +
 and a Triton kernel (one program per ``BLOCK_N`` rows; tiles of ``BLOCK_K`` codes × ``BLOCK_D``
 dimensions accumulate the dot products in fp32 with IEEE precision — no TF32 — and a running best
 value and index per row, so memory is O(N + K) whatever K is: K = 65,536 codes of CQ's long
-vectors never materialise N × K). The kernel runs where it helps — CUDA tensors, Triton importable
-— unless ``reference=True`` forces the torch path. Ties go to the lowest index in both (torch's
+vectors never materialise N × K). The kernel runs where it helps (``kernels.use_kernel``: CUDA
+tensors, Triton importable) unless ``reference=True`` or ``kernels.force_reference`` asks for torch. Ties go to the lowest index in both (torch's
 argmin; the kernel updates only on a strictly better tile and takes each tile's first minimum). The
 CPU tests run the kernel under ``TRITON_INTERPRET=1``: the kernel is decorated on first use, so that
 setting is read then, not at import.
@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from coarse2fine.train.kernels import use_kernel
 
 METRICS = ("euclidean", "cosine")
 
@@ -35,28 +37,12 @@ def nearest_code_reference(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: s
     return score.argmin(-1)
 
 
-def triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-_FORCE_REFERENCE = [False]
-
-
-def force_reference(on: bool) -> None:
-    """Make :func:`nearest_code` take the torch reference everywhere (``train.kernels: reference``;
-    set by the training loop, like ``torch.backends`` flags)."""
-    _FORCE_REFERENCE[0] = on
-
-
 def nearest_code(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str, reference: bool = False) -> torch.Tensor:
     """Indices (N,) of the nearest codes (module docstring): the Triton kernel for fp32/bf16/fp16
     CUDA tensors when Triton imports, else (or when forced) the reference."""
     assert metric in METRICS, f"metric must be one of {METRICS}, not {metric!r}"
     assert z_ND.dim() == 2 and codes_KD.dim() == 2 and z_ND.shape[1] == codes_KD.shape[1], (z_ND.shape, codes_KD.shape)
-    if (reference or _FORCE_REFERENCE[0] or not (z_ND.is_cuda and triton_available())
-            or torch.float64 in (z_ND.dtype, codes_KD.dtype)):
+    if reference or not use_kernel(z_ND, codes_KD):
         return nearest_code_reference(z_ND, codes_KD, metric)
     return nearest_code_triton(z_ND, codes_KD, metric)
 
