@@ -65,6 +65,16 @@ def _steps(run: mlflow.entities.Run) -> int:
     return int(run.data.tags[STEPS_TAG])
 
 
+def _phases_kept(train: dict, done: int, max_steps: int) -> bool:
+    """Whether a run that stopped at step ``done`` can continue to ``max_steps``: the phases set as
+    fractions of ``max_steps`` (warm-up; the adversarial loss's start) must still begin by ``done``,
+    or the longer run would, e.g., switch its discriminator off again."""
+    fractions = [train.get("warmup_frac", 0.0)]
+    if train.get("adversarial_weight", 0) > 0:
+        fractions.append(train.get("adversarial_start", 0.0))
+    return all(f * max_steps <= done for f in fractions)
+
+
 def _start(tracking_cfg: TrackingConfig, run_name: str, tags: dict[str, str], config: dict) -> str:
     with tracking.run(tracking_cfg, run_name=run_name, tags=tags) as active:
         tracking.log_config(config)
@@ -96,20 +106,33 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
     fp = storage.fingerprint(kind, spec, inputs, code)
     unbounded = spec | {"train": {k: v for k, v in spec["train"].items() if k != "max_steps"}}
     extend = storage.fingerprint(kind, unbounded, inputs, code)
-    run_name = f"{kind}-{method}-{fp}"
     run = find_run(tracking_cfg, {FINGERPRINT_TAG: fp})
+    base, cont = None, None  # a shorter finished run a longer one continues (full state: weights, optimiser, step)
+    if run is None and init is None:
+        done = _by_extend_key(tracking_cfg, extend)
+        shorter = max((r for r in done if _steps(r) < max_steps), key=_steps, default=None)
+        if shorter is not None and _phases_kept(spec["train"], _steps(shorter), max_steps):
+            base = shorter
+            # a continued run is its own model (its history differs from a fresh one's): its fingerprint says so
+            fp = storage.fingerprint(kind, spec, inputs + [base.data.tags[FINGERPRINT_TAG]], code)
+            run = find_run(tracking_cfg, {FINGERPRINT_TAG: fp})
+            cont = base.data.tags[CHECKPOINT_TAG]
+        elif shorter is not None:
+            log.info("train-%s: starting afresh: continuing run %s (%d steps) to %d steps would move its warm-up or "
+                     "adversarial start (fractions of max_steps) past the step it stopped at", kind,
+                     shorter.info.run_id, _steps(shorter), max_steps)
+        elif done:
+            log.info("train-%s: starting afresh: the runs of this config trained longer (%s steps), and a shorter "
+                     "schedule cannot continue them", kind, ", ".join(str(_steps(r)) for r in done))
+    run_name = f"{kind}-{method}-{fp}"
     if run is not None and run.data.tags.get(STATUS_TAG) == "finished":
         log.info("train-%s: reusing finished run %s", kind, run.info.run_id)
         return RunRef(run.info.run_id, run.data.tags[CHECKPOINT_TAG], True)
-    cont = None  # the checkpoint a longer run continues from (full state: weights, optimiser, step)
     if run is None:
-        done = _by_extend_key(tracking_cfg, extend) if init is None else []
-        base = max((r for r in done if _steps(r) < max_steps), key=_steps, default=None)
         extra = {EXTEND_TAG: extend, STEPS_TAG: str(max_steps)}
         if init:
             extra["c2f.warm_start_from"] = init.info.run_id
         if base:
-            cont = base.data.tags[CHECKPOINT_TAG]
             extra |= {CONTINUED_TAG: base.info.run_id, CONTINUED_CHECKPOINT_TAG: cont}
         run_id = _start(tracking_cfg, run_name, {
             FINGERPRINT_TAG: fp, LINEAGE_TAG: lineage, DATA_TAG: data_fp, "c2f.kind": kind, "c2f.method": method,
@@ -120,9 +143,6 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
             log.info("train-%s: continuing run %s (finished at %d steps) to %d steps in a new run; the learning-rate "
                      "schedule is stretched to %d steps from there", kind, base.info.run_id, _steps(base), max_steps,
                      max_steps)
-        elif done:
-            log.info("train-%s: starting afresh: the runs of this config trained longer (%s steps), and a shorter "
-                     "schedule cannot continue them", kind, ", ".join(str(_steps(r)) for r in done))
     else:
         run_id = run.info.run_id
         cont = run.data.tags.get(CONTINUED_CHECKPOINT_TAG)  # killed before its first checkpoint: continue again

@@ -102,3 +102,16 @@ def test_compare_unknown_experiment_is_a_user_error(tmp_path, capsys):
     rc = main(["compare", "--experiment", "nope", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                "--png", str(tmp_path / "c.png")])
     assert rc == 2 and "no MLflow experiment" in capsys.readouterr().err
+
+
+def test_a_longer_run_continues_only_when_its_phases_stay_where_the_shorter_one_passed_them():
+    """Warm-up (10%) and the adversarial start (50%) are fractions of max_steps: continuing 6 → 9
+    keeps both before step 6; 6 → 13 would start the discriminator at 6.5 (off again from 6);
+    without a discriminator only the warm-up counts (6 → 60 ok, 6 → 61 moves it to 6.1)."""
+    from coarse2fine.pipelines.runs import _phases_kept
+
+    gan = {"warmup_frac": 0.1, "adversarial_weight": 0.1, "adversarial_start": 0.5}
+    assert _phases_kept(gan, 6, 9) and _phases_kept(gan, 6, 12) and not _phases_kept(gan, 6, 13)
+    plain = gan | {"adversarial_weight": 0.0}
+    assert _phases_kept(plain, 6, 13) and _phases_kept(plain, 6, 60) and not _phases_kept(plain, 6, 61)
+    assert _phases_kept({"warmup_frac": 0.1}, 300, 3000)  # a generator: warm-up only
