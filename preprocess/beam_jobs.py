@@ -214,6 +214,8 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     done = storage.read_manifest(images_uri)
     if done is not None and storage.read_manifest(rejected_uri) is not None:
         log.info("ingest: reusing complete dataset %s", images_uri)
+        for uri in (images_uri, rejected_uri):
+            storage.sweep(uri)
         return _reused_ingest(images_uri, rejected_uri)
     run_id = storage.new_run_id()
     attempts = {"images": storage.begin(images_uri, run_id), "rejected": storage.begin(rejected_uri, run_id)}
@@ -357,6 +359,7 @@ def run_image_stage(
     done = storage.read_manifest(uri)
     if done is not None:
         log.info("%s: reusing complete dataset %s", stage, uri)
+        storage.sweep(uri)
         return StageResult(stage, {stage: uri}, {stage: done["rows"]}, True)
     attempt = storage.begin(uri, storage.new_run_id())
     try:

@@ -56,54 +56,84 @@ def test_the_second_of_two_runs_reuses_and_leaves_no_rows(tmp_path):
     assert sorted(p.name for p in Path(uri).iterdir()) == [storage.MANIFEST, "part-00000-aaaa.parquet"]
 
 
-def test_a_crashed_publisher_is_taken_over_and_its_files_removed(tmp_path):
-    """A run killed while publishing left its claim, a moved shard and no manifest; the next run
-    takes the claim over (same host, pid gone) and publishes only its own rows."""
+def test_leftovers_of_a_crashed_publisher_and_dead_attempts_are_removed(tmp_path):
+    """A run killed while publishing left a moved shard and no manifest, another killed while
+    writing its attempt folder (no process holds its lock): the next publisher removes both and
+    keeps the attempt folder of a live run (this process holds its lock)."""
     uri = tmp_path / "t" / "fp"
     uri.mkdir(parents=True)
-    (uri / storage.CLAIM).write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(),
-                                                 "pid": dead_pid(), "time": time.time()}))
     duckdb.sql(f"copy (select 'stale' as key) to '{uri}/part-00000-dead.parquet'")
-    dead_attempt = storage.begin(str(uri), "dead2")
-    (Path(dead_attempt.folder) / storage.OWNER).write_text(json.dumps(
-        {"run_id": "dead2", "host": socket.gethostname(), "pid": dead_pid(), "time": time.time()}))
-    live_attempt = storage.begin(str(uri), "live")  # this process: alive, must be left alone
+    (uri / f"{storage.ATTEMPT_PREFIX}dead2").mkdir()  # written by a process that is gone: no lock on it
+    (uri / f"{storage.ATTEMPT_PREFIX}dead2" / "part-00000-dead2.parquet").write_bytes(b"partial")
+    live_attempt = storage.begin(str(uri), "live")
     assert storage.commit([attempt_with_rows(str(uri), "cccc", ["x"])])
     assert glob_keys(str(uri)) == ["x"]
     left = sorted(p.name for p in uri.iterdir())
     assert left == sorted([storage.MANIFEST, "part-00000-cccc.parquet", f"{storage.ATTEMPT_PREFIX}live"]), left
-    assert Path(live_attempt.folder, storage.OWNER).exists()
+    storage.discard(live_attempt)
+    assert sorted(p.name for p in uri.iterdir()) == [storage.MANIFEST, "part-00000-cccc.parquet"]
 
 
-def test_a_claim_from_another_host_is_waited_for_then_taken_over_when_old(tmp_path, monkeypatch):
+def test_a_killed_writer_holds_nothing_and_a_reuse_sweeps_its_folder(tmp_path):
+    """kill -9 of a writer (a child process that opened an attempt and died): the kernel drops its
+    lock, so reusing the complete dataset removes the folder it left."""
     uri = tmp_path / "t" / "fp"
-    uri.mkdir(parents=True)
-    claim = {"run_id": "far", "host": "another-host", "pid": 1, "time": time.time()}
-    (uri / storage.CLAIM).write_text(json.dumps(claim))
-    part = attempt_with_rows(str(uri), "dddd", ["y"])
+    assert storage.commit([attempt_with_rows(str(uri), "gggg", ["k"])])
+    code = ("import os, sys; from coarse2fine.preprocess import storage; "
+            f"storage.begin({str(uri)!r}, 'killed'); os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert (uri / f"{storage.ATTEMPT_PREFIX}killed").is_dir()
+    storage.sweep(str(uri))
+    assert sorted(p.name for p in uri.iterdir()) == [storage.MANIFEST, "part-00000-gggg.parquet"]
+
+
+def test_object_store_claims_wait_take_over_when_old_and_release_only_their_own(monkeypatch):
+    """memory:// stands for an object store (claim objects, not kernel locks)."""
+    import fsspec
+
+    uri = f"memory://c2f-test-{time.time_ns()}/t/fp"
+    fs = fsspec.filesystem("memory")
+    claim = f"{uri.split('://')[1]}/{storage.CLAIM}"
+    fs.pipe(claim, json.dumps({"run_id": "far", "host": "another-host", "pid": 1, "time": time.time()}).encode())
+    storage._release_object(uri, "mine")  # not ours: stays
+    assert fs.exists(claim)
     monkeypatch.setattr(storage, "COMMIT_STALE_S", 1.0)
+    attempt = storage.begin(uri, "dddd")
+    shard = storage.write_shard(attempt.folder, storage.shard_name("dddd", 0), pa.table({"key": ["y"]}))
     t0 = time.perf_counter()
-    assert storage.commit([part])
+    assert storage.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
     assert time.perf_counter() - t0 >= 0.9  # it waited for the other host's claim to go stale
-    assert glob_keys(str(uri)) == ["y"] and not (uri / storage.CLAIM).exists()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(uri.split("://")[1], detail=False))
+    assert names == [storage.MANIFEST, "part-00000-dddd.parquet"]  # claim released, attempt gone
+    # a claim of this host whose process is gone is taken over at once
+    uri2 = f"{uri}-2"
+    fs.pipe(f"{uri2.split('://')[1]}/{storage.CLAIM}", json.dumps(
+        {"run_id": "dead", "host": socket.gethostname(), "pid": dead_pid(), "time": time.time()}).encode())
+    attempt = storage.begin(uri2, "hhhh")
+    shard = storage.write_shard(attempt.folder, storage.shard_name("hhhh", 0), pa.table({"key": ["z"]}))
+    t0 = time.perf_counter()
+    assert storage.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
+    assert time.perf_counter() - t0 < 0.9
 
 
-def test_a_live_claimant_that_completes_is_reused(tmp_path):
-    """Another live run holds the claim (this process's pid stands for it) and publishes while
-    this run waits: this run discards its attempt and reports reuse."""
+def test_a_publishing_run_is_waited_for_and_its_dataset_reused(tmp_path):
+    """Another run holds the dataset's lock while it publishes (a second descriptor of this process
+    stands for it): this run waits, then finds the dataset complete, discards its attempt and
+    reports reuse."""
     uri = str(tmp_path / "t" / "fp")
     other = attempt_with_rows(uri, "eeee", ["k"])
-    Path(uri, storage.CLAIM).write_text(json.dumps({"run_id": "eeee", "host": socket.gethostname(),
-                                                    "pid": os.getpid(), "time": time.time()}))
     mine = attempt_with_rows(uri, "ffff", ["k"])
+    fd = storage._claim_local(uri)
 
-    def publish_later():
+    def publish_then_release():
         time.sleep(1.0)
         storage._publish(*other)
-        Path(uri, storage.CLAIM).unlink()
+        os.close(fd)
 
-    threading.Thread(target=publish_later).start()
+    threading.Thread(target=publish_then_release).start()
+    t0 = time.perf_counter()
     assert not storage.commit([mine])
+    assert time.perf_counter() - t0 >= 0.9
     assert glob_keys(uri) == ["k"]
     assert sorted(p.name for p in Path(uri).iterdir()) == [storage.MANIFEST, "part-00000-eeee.parquet"]
 

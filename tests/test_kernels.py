@@ -14,12 +14,10 @@ triton = pytest.importorskip("triton", reason="the kernels' CPU tests need trito
 
 
 @pytest.fixture
-def interpreter():
-    """Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 where there is no CUDA)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a CUDA machine runs the kernel natively (test_on_cuda_…)")
+def device():
+    """Where the kernels run: the GPU when there is one, else Triton's CPU interpreter (conftest
+    sets TRITON_INTERPRET=1 without CUDA)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def brute_force(z, codes, metric):
@@ -41,25 +39,25 @@ SHAPES = [(37, 100, 8), (64, 512, 32), (5, 70, 64), (33, 1000, 3)]
 
 @pytest.mark.parametrize("metric", nc.METRICS)
 @pytest.mark.parametrize("N,K,D", SHAPES)
-def test_kernel_finds_the_brute_force_nearest_code(interpreter, metric, N, K, D):
+def test_kernel_finds_the_brute_force_nearest_code(device, metric, N, K, D):
     g = torch.Generator().manual_seed(N * K + D)
     z, codes = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
     if metric == "cosine":  # SIT: both sides l2-normalised
         z, codes = F.normalize(z, dim=-1), F.normalize(codes, dim=-1)
-    got = nc.nearest_code_triton(z, codes, metric)
+    got = nc.nearest_code_triton(z.to(device), codes.to(device), metric).cpu()
     assert got.dtype == torch.int64 and got.shape == (N,)
     assert torch.equal(got, brute_force(z, codes, metric))
     assert torch.equal(nc.nearest_code_reference(z, codes, metric), got)
 
 
-def test_ties_go_to_the_lowest_index_in_kernel_and_reference(interpreter):
+def test_ties_go_to_the_lowest_index_in_kernel_and_reference(device):
     """Code 70 repeats code 3 (in another K tile): both pick 3, as torch's argmin does."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randn(130, 16, generator=g)
     codes[70] = codes[3]
     z = codes[[3, 3, 5]] + 1e-3 * torch.randn(3, 16, generator=g)
     for metric in ("euclidean",):
-        assert nc.nearest_code_triton(z, codes, metric).tolist()[:2] == [3, 3]
+        assert nc.nearest_code_triton(z.to(device), codes.to(device), metric).tolist()[:2] == [3, 3]
         assert nc.nearest_code_reference(z, codes, metric).tolist()[:2] == [3, 3]
 
 
@@ -111,7 +109,7 @@ def test_on_cuda_the_haar_kernels_are_chosen_and_equal_the_reference(monkeypatch
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 2, 2), (3, 2, 6, 10), (2, 3, 64, 32)])
-def test_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(interpreter, shape):
+def test_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(device, shape):
     """The forward kernel against pywt.dwt2 band by band; the inverse kernel undoes it; the
     gradients of the autograd functions (inverse kernels as adjoints) equal the reference's."""
     import numpy as np
@@ -119,13 +117,13 @@ def test_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(interpre
 
     from coarse2fine.train.kernels import haar
 
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
     approx, hvd = haar.haar_level_triton(x)
-    a_ref, (h_ref, v_ref, d_ref) = pywt.dwt2(x.double().numpy(), "haar", axes=(-2, -1))
+    a_ref, (h_ref, v_ref, d_ref) = pywt.dwt2(x.double().cpu().numpy(), "haar", axes=(-2, -1))
     C = shape[1]
-    np.testing.assert_allclose(approx.numpy(), a_ref, atol=1e-5)
+    np.testing.assert_allclose(approx.cpu().numpy(), a_ref, atol=1e-5)
     for k, band in enumerate((h_ref, v_ref, d_ref)):
-        np.testing.assert_allclose(hvd[:, k * C:(k + 1) * C].numpy(), band, atol=1e-5)
+        np.testing.assert_allclose(hvd[:, k * C:(k + 1) * C].cpu().numpy(), band, atol=1e-5)
     assert torch.allclose(haar.ihaar_level_triton(approx, hvd), x, atol=1e-5)
 
     xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()

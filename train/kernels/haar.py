@@ -19,6 +19,7 @@ import functools
 import torch
 
 from coarse2fine.train.kernels import use_kernel
+from coarse2fine.train.kernels.nearest_code import _on
 
 
 def haar_level(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,8 @@ def haar_level_triton(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     approx = x.new_empty(B, C, h // 2, w // 2)
     hvd = x.new_empty(B, 3 * C, h // 2, w // 2)
     n = approx.numel()
-    _kernels()[0][(triton.cdiv(n, BLOCK),)](x, approx, hvd, n, C, h // 2, w // 2, BLOCK=BLOCK)
+    with _on(x.device):
+        _kernels()[0][(triton.cdiv(n, BLOCK),)](x, approx, hvd, n, C, h // 2, w // 2, BLOCK=BLOCK)
     return approx, hvd
 
 
@@ -76,11 +78,13 @@ def ihaar_level_triton(approx_BChw: torch.Tensor, hvd_B3Chw: torch.Tensor) -> to
     """The Triton kernel of :func:`ihaar_level`."""
     import triton
 
-    a, hvd = approx_BChw.contiguous(), hvd_B3Chw.contiguous().to(approx_BChw.dtype)
+    dtype = torch.promote_types(approx_BChw.dtype, hvd_B3Chw.dtype)  # as the reference's arithmetic
+    a, hvd = approx_BChw.to(dtype).contiguous(), hvd_B3Chw.to(dtype).contiguous()
     B, C, h, w = a.shape
     out = a.new_empty(B, C, 2 * h, 2 * w)
     n = a.numel()
-    _kernels()[1][(triton.cdiv(n, BLOCK),)](a, hvd, out, n, C, h, w, BLOCK=BLOCK)
+    with _on(a.device):
+        _kernels()[1][(triton.cdiv(n, BLOCK),)](a, hvd, out, n, C, h, w, BLOCK=BLOCK)
     return out
 
 

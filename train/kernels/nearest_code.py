@@ -54,11 +54,20 @@ def nearest_code_triton(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str,
 
     z, c = z_ND.float().contiguous(), codes_KD.float().contiguous()
     (N, D), K = z.shape, c.shape[0]
+    assert K > 0, "an empty codebook"
     norms = c.pow(2).sum(-1).contiguous()  # (K,): O(K) memory
     out = torch.empty(N, dtype=torch.int64, device=z.device)
-    _kernel()[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, metric == "euclidean",
-                                          BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+    with _on(z.device):
+        _kernel()[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, metric == "euclidean",
+                                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
     return out
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (a no-op context elsewhere)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
