@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {  # module -> the fast tests that pin its math
     "train/kernels/haar.py": "tests/test_dwt.py",
-    "train/models/quantizer.py": "tests/test_sit_models.py -m 'not slow'",
+    "train/models/quantizer.py": "tests/test_sit_models.py tests/test_cq.py -m 'not slow'",
+    "train/kernels/nearest_code.py": "tests/test_kernels.py",
     "preprocess/mumford_shah.py": "tests/test_mumford_shah.py -m 'not slow'",
     "evaluate/metrics.py": "tests/test_evaluate_metrics.py",
     "train/models/blocks.py": "tests/test_methods.py -k block_causal",
