@@ -61,6 +61,27 @@ def test_ties_go_to_the_lowest_index_in_kernel_and_reference(device):
         assert nc.nearest_code_reference(z, codes, metric).tolist()[:2] == [3, 3]
 
 
+def test_the_first_and_last_codes_are_found(device):
+    """Rows next to code 0 and to code K − 1 (tile edges) find them."""
+    g = torch.Generator().manual_seed(2)
+    codes = F.normalize(torch.randn(130, 16, generator=g), dim=-1)  # unit codes: nearest by both metrics
+    z = codes[[0, 129, 64, 0]] + 1e-3 * torch.randn(4, 16, generator=g)
+    for metric in nc.METRICS:
+        assert nc.nearest_code_triton(z.to(device), codes.to(device), metric).tolist() == [0, 129, 64, 0]
+
+
+@pytest.mark.parametrize("z,codes", [(torch.randn(8), torch.randn(4, 8)), (torch.randn(2, 8), torch.randn(4, 7)),
+                                     (torch.randn(2, 8), torch.randn(4, 2, 8))])
+def test_wrong_shapes_are_refused(z, codes):
+    with pytest.raises(AssertionError):
+        nc.nearest_code(z, codes, "euclidean")
+
+
+def test_an_empty_codebook_is_refused(device):
+    with pytest.raises(AssertionError, match="empty codebook"):
+        nc.nearest_code_triton(torch.randn(2, 8, device=device), torch.randn(0, 8, device=device), "euclidean")
+
+
 def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
     """The kernel runs only on CUDA tensors; `train.kernels: reference` forces torch everywhere."""
     calls = []
