@@ -140,11 +140,15 @@ def shard_name(run_id: str, shard: int) -> str:
     return f"part-{shard:05d}-{run_id}.parquet"
 
 
+def _local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, write) -> None:
     """Write a file; on local disk through a temporary name and a rename, so a crash never
     leaves a partial file under the final name. Object stores (gs://) have no atomic rename and
     write objects whole; there the manifest written last is the only commit marker."""
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = _local(fs)
     target = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex[:8]}-{posixpath.basename(path)}") if local else path
     with fs.open(target, "wb") as f:
         write(f)
@@ -225,10 +229,6 @@ class Attempt:
         return join(self.uri, f"{ATTEMPT_PREFIX}{self.run_id}")
 
 
-def _local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def _holder(run_id: str) -> bytes:
     return json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
                        "time": time.time()}).encode()
@@ -283,7 +283,8 @@ def begin(uri: str, run_id: str) -> Attempt:
     return attempt
 
 
-def _release_attempt(attempt: Attempt) -> None:
+def discard(attempt: Attempt) -> None:
+    """Remove a run's attempt folder and drop its lock (its run gave up, failed, or published)."""
     fs, folder = url_to_fs(attempt.folder)
     fd = _HELD.pop(folder, None)
     if fs.exists(folder):
@@ -367,7 +368,7 @@ def _publish(attempt: Attempt, manifest: dict) -> dict:
             fs.rm(p, recursive=True)
     files = [p for p in fs.ls(folder, detail=False) if posixpath.basename(p) != OWNER]
     _move(fs, files, [posixpath.join(path, posixpath.basename(p)) for p in files])
-    _release_attempt(attempt)
+    discard(attempt)
     return write_manifest(attempt.uri, **manifest)
 
 
@@ -395,10 +396,6 @@ def sweep(uri: str) -> None:
         holder = _read_json(fs, claim)
         if holder is None or not _alive(holder) or time.time() - holder["time"] > COMMIT_STALE_S:
             fs.rm(claim)
-
-
-def discard(attempt: Attempt) -> None:
-    _release_attempt(attempt)
 
 
 def commit(parts: list[tuple[Attempt, dict]]) -> bool:

@@ -11,7 +11,7 @@ and a Triton kernel (one program per ``BLOCK_N`` rows; tiles of ``BLOCK_K`` code
 dimensions accumulate the dot products in fp32 with IEEE precision — no TF32 — and a running best
 value and index per row, so memory is O(N + K) whatever K is: K = 65,536 codes of CQ's long
 vectors never materialise N × K). The kernel runs where it helps (``kernels.use_kernel``: CUDA
-tensors, Triton importable) unless ``reference=True`` or ``kernels.force_reference`` asks for torch. Ties go to the lowest index in both (torch's
+tensors, Triton importable) unless ``kernels.force_reference`` asks for torch. Ties go to the lowest index in both (torch's
 argmin; the kernel updates only on a strictly better tile and takes each tile's first minimum). The
 CPU tests run the kernel under ``TRITON_INTERPRET=1``: the kernel is decorated on first use, so that
 setting is read then, not at import.
@@ -37,12 +37,12 @@ def nearest_code_reference(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: s
     return score.argmin(-1)
 
 
-def nearest_code(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str, reference: bool = False) -> torch.Tensor:
+def nearest_code(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str) -> torch.Tensor:
     """Indices (N,) of the nearest codes (module docstring): the Triton kernel for fp32/bf16/fp16
     CUDA tensors when Triton imports, else (or when forced) the reference."""
     assert metric in METRICS, f"metric must be one of {METRICS}, not {metric!r}"
     assert z_ND.dim() == 2 and codes_KD.dim() == 2 and z_ND.shape[1] == codes_KD.shape[1], (z_ND.shape, codes_KD.shape)
-    if reference or not use_kernel(z_ND, codes_KD):
+    if not use_kernel(z_ND, codes_KD):
         return nearest_code_reference(z_ND, codes_KD, metric)
     return nearest_code_triton(z_ND, codes_KD, metric)
 
