@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train import methods
 from coarse2fine.train.methods.base import SampleSettings
-from coarse2fine.train.models.blocks import block_causal_mask
+from coarse2fine.train.kernels.attention import block_causal_mask
 from coarse2fine.train.models.cart import CARTConfig, build_cart
 from coarse2fine.train.models.residual_vq import map_schedule, residual_quantize
 

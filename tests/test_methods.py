@@ -155,7 +155,7 @@ def test_config_errors_name_the_registry(override, message):
 @pytest.mark.parametrize("sizes", [[1, 4, 16], [4, 4, 4], [3, 1, 5, 2]])
 def test_block_causal_mask_for_blocks_of_unequal_sizes(sizes):
     """Against a brute-force loop: token i may see token j iff j's block is not after i's."""
-    from coarse2fine.train.models.blocks import block_causal_mask
+    from coarse2fine.train.kernels.attention import block_causal_mask
 
     owner = [b for b, n in enumerate(sizes) for _ in range(n)]
     expected = torch.tensor([[owner[j] <= owner[i] for j in range(len(owner))] for i in range(len(owner))])

@@ -1,8 +1,9 @@
-"""Kernels: plain-PyTorch reference ops (always available) and, behind the same functions, Triton
-kernels chosen automatically for CUDA tensors: the fused nearest-code search (``nearest_code``)
-and the Haar DWT level and its inverse (``haar``). The block-causal attention still runs its torch
-reference everywhere. ``force_reference(True)`` (``train.kernels: reference``, set by the training
-loop like a ``torch.backends`` flag) makes every op take its torch reference.
+"""Kernels: plain-PyTorch reference ops (always available) and, behind the same functions, fast
+kernels chosen automatically for CUDA tensors where they measured faster or leaner: the fused
+nearest-code search (``nearest_code``), the Haar DWT level and its inverse (``haar``), and
+block-causal attention through FlexAttention (``attention``). ``force_reference(True)``
+(``train.kernels: reference``, set by the training loop like a ``torch.backends`` flag) makes every
+op take its torch reference.
 """
 
 from __future__ import annotations

@@ -8,26 +8,19 @@ projection is shared (the seed does not list it). With ``groups=1`` every op is 
 shared-weight transformer (ViT-VQGAN). Activations are ``x_BLC`` with ``L = S·N`` tokens, scale
 major; grouped ops view them as ``(B, S, N, C)``.
 
-Attention is ``scaled_dot_product_attention`` with an optional boolean mask (True = may attend);
-the scale-causal mask is block lower-triangular over scales (seed §4.1).
+Attention is ``scaled_dot_product_attention``, or under a block-causal mask (the scale-causal mask is
+block lower-triangular over scales, seed §4.1) ``kernels.attention.block_causal_attention``: FlexAttention
+on CUDA, SDPA with a cached boolean mask elsewhere.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def block_causal_mask(tokens_per_block: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-    """(L, L) bool, True where token i (block b_i) may attend token j (block b_j <= b_i); blocks
-    (scales, CART's base and detail maps) may hold unequal numbers of tokens; L = their sum."""
-    sizes = torch.as_tensor(list(tokens_per_block), device=device)
-    block = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)  # (L,)
-    return block[:, None] >= block[None, :]
+from coarse2fine.train.kernels.attention import block_causal_attention
 
 
 def _grouped(x_BLC: torch.Tensor, groups: int) -> torch.Tensor:
@@ -82,7 +75,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fc1, self.fc2 = GroupLinear(groups, dim, hidden), GroupLinear(groups, hidden, dim)
 
-    def forward(self, x_BLC: torch.Tensor, num_scales: int, mask_LL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, num_scales: int, causal_sizes: tuple[int, ...] | None) -> torch.Tensor:
+        """``causal_sizes``: token counts of the blocks of a block-causal mask, or None (full attention)."""
         B, L, C = x_BLC.shape
         g = num_scales if self.groups > 1 else 1
 
@@ -91,7 +85,10 @@ class Block(nn.Module):
 
         qkv = self.qkv(self.ln1(grouped(x_BLC))).reshape(B, L, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)  # (B, nh, L, hs)
+        if causal_sizes is None:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+        else:
+            y = block_causal_attention(q, k, v, causal_sizes)  # (B, nh, L, hs)
         x_BLC = x_BLC + self.proj(y.transpose(1, 2).reshape(B, L, C))
         h = self.fc2(F.gelu(self.fc1(self.ln2(grouped(x_BLC)))))  # (B, G', T, C)
         return x_BLC + h.reshape(B, L, C)
@@ -106,9 +103,9 @@ class Transformer(nn.Module):
         self.ln = GroupLayerNorm(groups, dim)
         self.groups = groups
 
-    def forward(self, x_BLC: torch.Tensor, num_scales: int, mask_LL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, num_scales: int, causal_sizes: tuple[int, ...] | None) -> torch.Tensor:
         for blk in self.blocks:
-            x_BLC = blk(x_BLC, num_scales, mask_LL)
+            x_BLC = blk(x_BLC, num_scales, causal_sizes)
         g = num_scales if self.groups > 1 else 1
         return self.ln(_grouped(x_BLC, g)).reshape(x_BLC.shape)
 
@@ -148,9 +145,11 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, causal_sizes: tuple[int, ...] | None = None) -> torch.Tensor:
         """``mask`` (T, past + T) bool, True = may attend, replaces the token-causal rule (CART's
-        block-causal maps); with a cache it covers the cached keys and the new ones."""
+        block-causal maps); with a cache it covers the cached keys and the new ones. Without a cache,
+        ``causal_sizes`` (the blocks' token counts) gives the block-causal rule instead, served by
+        ``block_causal_attention``."""
         B, T, C = x_BTC.shape
         qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
@@ -159,7 +158,10 @@ class AttentionBlock(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
-        if mask is not None:
+        if causal_sizes is not None:
+            assert cache is None and mask is None, "causal_sizes covers a whole sequence without a cache"
+            y = block_causal_attention(q, k, v, causal_sizes)
+        elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from coarse2fine.train.kernels.attention import block_causal_mask
 from coarse2fine.train.models.arsit import GENERATOR_SIZES
-from coarse2fine.train.models.blocks import AttentionBlock, KVCache, block_causal_mask, init_weights
+from coarse2fine.train.models.blocks import AttentionBlock, KVCache, init_weights
 
 
 @dataclass
@@ -82,11 +83,14 @@ class CARTAR(nn.Module):
         assert int(cond_B.min()) >= 0 and int(cond_B.max()) <= self.cfg.num_classes, "class id out of range"
         return self.cls_emb(cond_B)[:, None] + self.pos_start
 
-    def _trunk(self, x_BTC: torch.Tensor, first: int, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def _trunk(self, x_BTC: torch.Tensor, first: int, cache: KVCache | None, mask: torch.Tensor | None = None,
+               causal_sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Logits of positions first … first+T−1; the attention rule is ``mask`` (cached sampling) or the
+        block-causal ``causal_sizes`` (teacher forcing over the whole sequence)."""
         T = x_BTC.shape[1]
         x_BTC = x_BTC + self.pos[first: first + T] + self.lvl_emb(self.level[first: first + T])
         for i, blk in enumerate(self.blocks):
-            x_BTC = blk(x_BTC, cache, i, mask)
+            x_BTC = blk(x_BTC, cache, i, mask, causal_sizes)
         if cache is not None:
             cache.length += T
         return self.head(self.ln_f(x_BTC))
@@ -96,7 +100,7 @@ class CARTAR(nn.Module):
         (``CARTTokenizer.teacher_inputs``, (B, L − s0², code_dim)) and the class."""
         x = torch.cat([self._start_map(cond_B), self.word_embed(inputs_BTC)], dim=1)  # (B, L, C)
         assert x.shape[1] == self.cfg.seq_len, f"inputs for {x.shape[1]} positions, model has {self.cfg.seq_len}"
-        return self._trunk(x, 0, self.mask, None)
+        return self._trunk(x, 0, None, causal_sizes=tuple(self.cfg.map_sizes))
 
     def map_logits(self, m: int, input_BTC: torch.Tensor | None, cond_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, s_m², V) of map m, whose input is ``input_BTC`` (None for map 0), given the
@@ -105,7 +109,7 @@ class CARTAR(nn.Module):
         assert cache.length == first, f"the cache holds {cache.length} positions, map {m} starts at {first}"
         x = self._start_map(cond_B) if m == 0 else self.word_embed(input_BTC)  # (B, s_m², C)
         mask = self.mask[first: first + x.shape[1], : first + x.shape[1]]  # all earlier maps and this one
-        return self._trunk(x, first, mask, cache)
+        return self._trunk(x, first, cache, mask=mask)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.blocks))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from coarse2fine.train.models.blocks import Transformer, _grouped, block_causal_mask
+from coarse2fine.train.models.blocks import Transformer, _grouped
 from coarse2fine.train.models.dwt import haar_dwt, haar_idwt
 from coarse2fine.train.models.quantizer import FactorizedVQ
 
@@ -125,7 +125,6 @@ class SpectralTokenizer(nn.Module):
         self.decoder = Transformer(dec["dim"], dec["depth"], dec["heads"], cfg.mlp_ratio,
                                    S if cfg.dec_per_scale_params else 1)
         self.patch_out = nn.ModuleList(nn.Linear(dec["dim"], cfg.patch_dim(s)) for s in range(S))
-        self.register_buffer("_mask", block_causal_mask([N] * S), persistent=False)
 
     # ---------------------------------------------------------------- helpers
 
@@ -136,9 +135,9 @@ class SpectralTokenizer(nn.Module):
             raise ValueError(f"resolution {resolution} is not the model's {self.cfg.resolution} / 2^k, k < {self.cfg.num_scales}")
         return self.cfg.num_scales - k
 
-    def _mask_for(self, causal: bool, s: int) -> torch.Tensor | None:
-        n = s * self.cfg.tokens_per_scale
-        return self._mask[:n, :n] if causal else None
+    def _causal_sizes(self, causal: bool, s: int) -> tuple[int, ...] | None:
+        """The scale-causal mask's blocks (N tokens per scale, §4.1) over s scales, or None (dense)."""
+        return (self.cfg.tokens_per_scale,) * s if causal else None
 
     def image_to_scales(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
         """DWT coefficients of an image in [0, 1], scaled to the model's top resolution (see module doc)."""
@@ -160,7 +159,7 @@ class SpectralTokenizer(nn.Module):
             raise ValueError("only a scale-causal encoder (SIT-SC / SIT-SCE) encodes lower resolutions")
         tokens = torch.cat([self.patch_in[i](patchify(c, self.cfg.grid)) for i, c in enumerate(scales)], dim=1)
         h = tokens + self.pos_enc[: tokens.shape[1]]  # (B, S'N, C)
-        z = self.encoder(h, s, self._mask_for(self.cfg.causal_encoder, s))
+        z = self.encoder(h, s, self._causal_sizes(self.cfg.causal_encoder, s))
         return _grouped(z, s)  # (B, S', N, C)
 
     def encode(self, x_B3HW: torch.Tensor, return_terms: bool = False):
@@ -174,7 +173,7 @@ class SpectralTokenizer(nn.Module):
             raise ValueError("only a scale-causal decoder (SIT-SC / SIT-SCD) decodes partial sequences")
         h = self.to_dec(quantized_BSNC.reshape(B, s * N, C))
         h = h + self.pos_dec[: s * N]
-        y = self.decoder(h, s, self._mask_for(self.cfg.causal_decoder, s))  # (B, S'N, Cd)
+        y = self.decoder(h, s, self._causal_sizes(self.cfg.causal_decoder, s))  # (B, S'N, Cd)
         y = _grouped(y, s)  # (B, S', N, Cd)
         return [unpatchify(self.patch_out[i](y[:, i]), self.cfg.scale_shape(i)[0], self.cfg.grid) for i in range(s)]
 
