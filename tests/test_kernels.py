@@ -96,6 +96,20 @@ def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
         kernels.force_reference(False)
 
 
+def test_long_codes_take_the_kernel_only_when_the_scores_would_not_fit(monkeypatch):
+    """The measured rule: short codes (D <= 64) always take the kernel; longer ones only when the
+    reference's (N, K) fp32 scores would exceed the memory budget."""
+    used = []
+    monkeypatch.setattr(nc, "use_kernel", lambda *t: True)
+    monkeypatch.setattr(nc, "nearest_code_triton", lambda z, c, m: used.append(z.shape[1]) or nc.nearest_code_reference(z, c, m))
+    for D in (64, 65):
+        nc.nearest_code(torch.randn(4, D), torch.randn(10, D), "euclidean")
+    assert used == [64]
+    monkeypatch.setattr(nc, "MAX_SCORES_BYTES", 4 * 4 * 10 - 1)
+    nc.nearest_code(torch.randn(4, 65), torch.randn(10, 65), "euclidean")
+    assert used == [64, 65]
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_kernel_is_chosen_and_equals_the_reference(monkeypatch):
     g = torch.Generator().manual_seed(1)
@@ -167,3 +181,84 @@ def test_haar_takes_the_reference_on_cpu(monkeypatch):
     monkeypatch.setattr(haar, "haar_level_triton", lambda *a: pytest.fail("kernel on a CPU tensor"))
     x = torch.randn(1, 3, 4, 4)
     assert torch.equal(haar.haar_level(x)[0], haar.haar_level_reference(x)[0])
+
+
+def brute_force_attention(q, k, v, sizes):
+    """Softmax attention written out in float64, one query at a time, over the keys whose block
+    (counted from ``sizes``) is not after the query's."""
+    owner = [b for b, n in enumerate(sizes) for _ in range(n)]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(q.shape[-2]):
+        seen = [j for j in range(k.shape[-2]) if owner[j] <= owner[i]]
+        scores = q[..., i, None, :].double() @ k[..., seen, :].double().transpose(-1, -2) / q.shape[-1] ** 0.5
+        out[..., i, :] = (scores.softmax(-1) @ v[..., seen, :].double())[..., 0, :]
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(1, 4, 16, 9), (16, 64, 100, 200)])  # the second spans three 128-token tiles
+def test_block_causal_attention_and_its_flex_block_mask_equal_brute_force(sizes):
+    """The reference (SDPA + cached mask) and FlexAttention with our ``BlockMask`` (uncompiled, the
+    only FlexAttention CPU runs; the compiled CUDA kernel is the GPU test below) against brute force."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from coarse2fine.train.kernels import attention
+
+    g = torch.Generator().manual_seed(len(sizes))
+    q, k, v = (torch.randn(2, 3, sum(sizes), 16, generator=g) for _ in range(3))
+    expected = brute_force_attention(q, k, v, sizes)
+    assert torch.allclose(attention.block_causal_attention(q, k, v, sizes).double(), expected, atol=1e-5)
+    with torch.no_grad():
+        flex = flex_attention(q, k, v, block_mask=attention.flex_block_mask(sizes, q.device))
+    assert torch.allclose(flex.double(), expected, atol=1e-5)
+
+
+def test_block_causal_attention_takes_the_reference_on_cpu(monkeypatch):
+    from coarse2fine.train.kernels import attention
+
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: pytest.fail("FlexAttention on a CPU tensor"))
+    q = torch.randn(1, 2, attention.FLEX_MIN_TOKENS, 16)
+    attention.block_causal_attention(q, q, q, (2, attention.FLEX_MIN_TOKENS - 2))
+
+
+@pytest.mark.parametrize("L, hs, flex", [(64, 16, True), (63, 16, False), (64, 24, False), (64, 8, False)])
+def test_flex_attention_serves_long_sequences_with_power_of_two_heads(monkeypatch, L, hs, flex):
+    """The measured rule (where the kernel may run): FlexAttention from FLEX_MIN_TOKENS tokens on,
+    for head sizes tl.dot tiles; the reference otherwise. Both give the brute-force result."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from coarse2fine.train.kernels import attention
+
+    used = []
+    monkeypatch.setattr(attention, "use_kernel", lambda *t: True)
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 64)
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: used.append(1) or flex_attention)
+    sizes = (L // 3, L - L // 3)
+    q, k, v = (torch.randn(1, 2, L, hs) for _ in range(3))
+    with torch.no_grad():
+        out = attention.block_causal_attention(q, k, v, sizes)
+    assert bool(used) == flex
+    assert torch.allclose(out.double(), brute_force_attention(q, k, v, sizes), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes, hs, flex", [((1024,) * 5, 64, True), ((1024,) * 5, 24, False), ((256,) * 5, 64, False)])
+def test_on_cuda_flex_attention_is_chosen_by_length_and_head_size_and_equals_the_reference(monkeypatch, sizes, hs, flex):
+    """SIT-shaped (5 scales at 512 and 256 px): compiled FlexAttention where the rule picks it,
+    forward and gradients equal to SDPA with the dense mask (fp32 inputs; TF32 off)."""
+    from coarse2fine.train.kernels import attention
+
+    used = []
+    compiled = attention._compiled_flex
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: used.append(1) or compiled())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, sum(sizes), hs, generator=g).cuda().requires_grad_() for _ in range(3))
+    out = attention.block_causal_attention(q, k, v, sizes)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    mask = attention.block_causal_mask(sizes, q.device)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert bool(used) == flex
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3)

@@ -26,6 +26,13 @@ import torch
 from coarse2fine.train.kernels import use_kernel
 
 METRICS = ("euclidean", "cosine")
+# Measured on an H100 (benchmarks/RESULTS.md, "nearest-code tile sweep"): for code vectors up to
+# SHORT_CODES dims the kernel (64×128 tiles) is up to 2× faster than cuBLAS's fp32 matmul + argmin;
+# for longer ones (CQ's H1·W1 = 256) the matmul is 2.4× faster, so the kernel serves them only when
+# the reference's (N, K) fp32 scores would take more than MAX_SCORES_BYTES (where memory, not
+# speed, decides: 1 GiB, against the kernel's O(N + K)).
+SHORT_CODES = 64
+MAX_SCORES_BYTES = 2**30
 
 
 def nearest_code_reference(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str) -> torch.Tensor:
@@ -39,17 +46,24 @@ def nearest_code_reference(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: s
 
 def nearest_code(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str) -> torch.Tensor:
     """Indices (N,) of the nearest codes (module docstring): the Triton kernel for fp32/bf16/fp16
-    CUDA tensors when Triton imports, else (or when forced) the reference."""
+    CUDA tensors when Triton imports and it is the better choice (``SHORT_CODES``), else (or when
+    forced) the reference."""
     assert metric in METRICS, f"metric must be one of {METRICS}, not {metric!r}"
     assert z_ND.dim() == 2 and codes_KD.dim() == 2 and z_ND.shape[1] == codes_KD.shape[1], (z_ND.shape, codes_KD.shape)
-    if not use_kernel(z_ND, codes_KD):
+    (N, D), K = z_ND.shape, codes_KD.shape[0]
+    if not use_kernel(z_ND, codes_KD) or (D > SHORT_CODES and 4 * N * K <= MAX_SCORES_BYTES):
         return nearest_code_reference(z_ND, codes_KD, metric)
     return nearest_code_triton(z_ND, codes_KD, metric)
 
 
 def nearest_code_triton(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str,
-                        block_n: int = 32, block_k: int = 64, block_d: int = 32) -> torch.Tensor:
-    """The Triton kernel (any device Triton runs on; on CPU only under ``TRITON_INTERPRET=1``)."""
+                        block_n: int | None = None, block_k: int = 128, block_d: int = 32, num_warps: int = 4
+                        ) -> torch.Tensor:
+    """The Triton kernel (any device Triton runs on; on CPU only under ``TRITON_INTERPRET=1``). The
+    tiles and ``num_warps`` default to the H100 sweep's best (``benchmarks/bench_kernels.py --sweep``):
+    128 codes × 32 dims, 4 warps, 64 rows for short codes and 32 for long ones."""
+    if block_n is None:
+        block_n = 64 if z_ND.shape[1] <= SHORT_CODES else 32
     import triton
 
     z, c = z_ND.float().contiguous(), codes_KD.float().contiguous()
@@ -59,7 +73,7 @@ def nearest_code_triton(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str,
     out = torch.empty(N, dtype=torch.int64, device=z.device)
     with _on(z.device):
         _kernel()[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, metric == "euclidean",
-                                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+                                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 

@@ -3,7 +3,7 @@
 ``haar_dwt(x, L)`` returns ``[scale_0, scale_1, …, scale_L]``: ``scale_0`` the level-L
 approximation (B, C, r/2^L, r/2^L), ``scale_s`` the H|V|D details of level L-s+1 stacked on
 channels (B, 3C, …), coarse to fine — the layout of ``coarse2fine.preprocess.dwt`` (pywavelets).
-The per-level op comes from ``train.kernels.haar`` (torch reference; a Triton kernel can replace it).
+The per-level op comes from ``train.kernels.haar`` (its Triton kernel on CUDA, the torch reference elsewhere).
 """
 
 from __future__ import annotations
