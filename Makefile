@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch: `pip install torch` alone would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench mutation clean
+.PHONY: install demo test test-fast bench mutation gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ bench: install
 mutation: install
 	$(BIN)/python -m pip install --quiet cosmic-ray
 	$(BIN)/python benchmarks/mutation.py
+
+# The wheels benchmarks/gpu_checks.sh installs on a lent GPU machine (Python 3.12, no network there):
+# what the kernels' tests and benchmarks import beyond the machine's torch and Triton, at this venv's versions.
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection pywavelets zstandard
+gpu-wheels: install
+	mkdir -p .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
 
 clean:
 	rm -rf $(VENV) .c2f build *.egg-info mlruns

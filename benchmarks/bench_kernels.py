@@ -16,6 +16,7 @@ interpreter is for correctness, not speed): the GPU rows are pending until a GPU
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply N and K (e.g. 0.1 on a CPU)")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel's tile sizes and warps (GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda" and triton_available()
@@ -76,6 +78,8 @@ def main() -> None:
         else:
             tail = "pending (no GPU) | – | –"
         print(f"| {case} | {N} | {K} | {D} | {base_t:.4f} | {ref_t:.4f} | {tail} |", flush=True)
+    if gpu and args.sweep:
+        sweep(args.repeats, device)
     print("\n| Haar level, input | pywt.dwt2 s (CPU, float64) | torch reference s | reference GB/s | kernel s | kernel GB/s |")
     print("|---|---|---|---|---|---|")
     for B, side in ((64, 256), (16, 1024)):
@@ -90,6 +94,18 @@ def main() -> None:
         else:
             tail = "pending (no GPU) | –"
         print(f"| {B}×3×{side}² | {pywt_t:.4f} | {ref_t:.4f} | {moved / ref_t / 1e9:.1f} | {tail} |", flush=True)
+
+
+def sweep(repeats: int, device: torch.device) -> None:
+    """Seconds of the kernel per (BLOCK_N, BLOCK_K, BLOCK_D, num_warps) on the two largest cases."""
+    configs = list(itertools.product((32, 64, 128), (64, 128), (32, 64), (4, 8)))
+    print("\n| case | BLOCK_N | BLOCK_K | BLOCK_D | warps | kernel s |\n|---|---|---|---|---|---|")
+    for case, N, K, D, metric in CASES[2:]:
+        g = torch.Generator(device=device).manual_seed(0)
+        z, codes = torch.randn(N, D, device=device, generator=g), torch.randn(K, D, device=device, generator=g)
+        for bn, bk, bd, warps in configs:
+            t = timed(lambda: nearest_code_triton(z, codes, metric, bn, bk, bd, warps), repeats, device)[0]
+            print(f"| {case} | {bn} | {bk} | {bd} | {warps} | {t:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks, run on a lent CUDA machine (the device tool) from the repository root:
+#
+#     bash benchmarks/gpu_checks.sh [STEP...]   # steps: tests kernels sweep attention steps sit arsit
+#                                              # (default: all but sweep)
+#
+# The machine has torch and Triton but none of our other dependencies, and no network: the few
+# small wheels the imported modules need are carried in an ignored .whl/ folder (`make gpu-wheels`
+# makes it; RESULTS.md, "Kernels on an H100", lists them), and the package is imported from the working tree through
+# links (no install). Ray's wheel is too large to carry, so the NCCL test does not run there.
+# Each step writes its output to $OUT (default .c2f/gpu) and a failing step does not stop the next.
+set -u
+OUT=${OUT:-.c2f/gpu}
+mkdir -p "$OUT"
+steps=${*:-tests kernels attention steps sit arsit}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+pkg=$(mktemp -d)
+mkdir "$pkg/coarse2fine" && cp c2f_root/__init__.py "$pkg/coarse2fine/"
+for d in pipelines preprocess train evaluate; do ln -s "$PWD/$d" "$pkg/coarse2fine/$d"; done
+export PYTHONPATH="$pkg:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi -L | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+for step in $steps; do
+    echo "== $step"
+    case $step in
+        tests) python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_gpu.py -k "not nccl" \
+                   2>&1 | tee "$OUT/pytest.txt" ;;
+        kernels) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.md" ;;
+        sweep) python3 benchmarks/bench_kernels.py --sweep 2>&1 | tee "$OUT/bench_kernels_sweep.md" ;;
+        attention) python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.md" ;;
+        steps) python3 benchmarks/bench_train_step.py 2>&1 | tee "$OUT/bench_train_step.md" ;;
+        sit) python3 benchmarks/bench_sit.py --device cuda 2>&1 | tee "$OUT/bench_sit.md" ;;
+        arsit) python3 benchmarks/bench_arsit.py --device cuda 2>&1 | tee "$OUT/bench_arsit.md" ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
