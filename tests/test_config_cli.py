@@ -220,3 +220,19 @@ def test_sit_variant_overlays_are_the_seeds_configurations(overlay, name, caps):
     assert sit.describe(cfg) == name and sit.capabilities(cfg) == caps
     if name != "SIT":  # SCE/SCD (seed §5.3): per-scale encoder, one decoder for all scales
         assert cfg.enc_per_scale_params and not cfg.dec_per_scale_params
+
+
+def test_the_xla_path_runs_one_worker_and_refuses_the_torchscript_perceptual():
+    """``train.device: xla`` (tests/test_xla.py runs it where torch_xla is installed): one worker,
+    no use_gpu, and a perceptual distance XLA can run, each refused with a clear error up front."""
+    from coarse2fine.preprocess.errors import UserValueError
+    from coarse2fine.train.config import TokenizerConfig, TrainConfig
+    from coarse2fine.train.launch import fit_tokenizer
+
+    for bad in ({"num_workers": 2}, {"use_gpu": True}):
+        with pytest.raises(ValueError, match="xla runs one worker"):
+            TrainConfig(device="xla", **bad)
+    cfg = TokenizerConfig(sit={"num_scales": 3, "tokens_per_scale": 4, "size": "tiny", "codebook_size": 64},
+                          train=TrainConfig(device="xla", perceptual="inception"))
+    with pytest.raises(UserValueError, match="TorchScript"):
+        fit_tokenizer("memory://nothing", cfg, 32, "memory://checkpoints", "xla")

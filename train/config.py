@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from coarse2fine.preprocess.config import Section
 from coarse2fine.train import methods
@@ -28,6 +28,9 @@ class OptimConfig(Section):
         None, ge=1, description="CPU threads of each Ray Train worker's torch; None = the CPUs Ray reserved for it "
                                 "(1 per worker: Ray sets OMP_NUM_THREADS). 2 on a 2-core machine with one worker")
     use_gpu: bool = False
+    device: Literal["auto", "xla"] = Field(
+        "auto", description="auto = Ray Train's device (CUDA with use_gpu, else CPU); xla = torch_xla's device "
+                            "(experimental: TPU, or XLA:CPU with PJRT_DEVICE=CPU; one worker; `make xla-env`)")
     bf16: bool = Field(True, description="bf16 autocast when on GPU")
     kernels: Literal["auto", "reference"] = Field(
         "auto", description="auto = Triton kernels on CUDA where they exist (train/kernels/); reference = torch everywhere")
@@ -35,6 +38,15 @@ class OptimConfig(Section):
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(100, ge=1, description="sample grid to MLflow every K steps")
     seed: int = 0
+
+
+    @model_validator(mode="after")
+    def _xla_runs_alone(self) -> "OptimConfig":
+        """The XLA path runs one worker on torch_xla's device: Ray Train's XLA process group and
+        GPU placement are not wired to it."""
+        if self.device == "xla" and (self.num_workers > 1 or self.use_gpu):
+            raise ValueError("train.device: xla runs one worker without use_gpu (num_workers: 1, use_gpu: false)")
+        return self
 
 
 class TrainConfig(OptimConfig):

@@ -21,12 +21,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from coarse2fine.preprocess import schema
+from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train import checkpoints, data, kernels
 from coarse2fine.train.config import OptimConfig, RayConfig, TokenizerConfig
 from coarse2fine.train.losses import PerceptualChoice, resolve_perceptual
@@ -104,25 +105,39 @@ def _read_rows(task: Task) -> dict[str, list]:
     return rows
 
 
-def _trainables(task: Task, tcfg: OptimConfig) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """The model, AdamW and schedule, and the extra modules with their optimisers, all prepared for
-    DDP; returned as the checkpoint's ``stateful`` dict and the task's ``extras``."""
+def _trainables(task: Task, tcfg: OptimConfig, device: torch.device) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The model, AdamW and schedule, and the extra modules with their optimisers, all on ``device``
+    and prepared for DDP; returned as the checkpoint's ``stateful`` dict and the task's ``extras``."""
     import ray.train.torch
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(task.build())
+    model = ray.train.torch.prepare_model(task.build(), move_to_device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=task.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tcfg.max_steps, tcfg.warmup_frac, tcfg.schedule, tcfg.final_lr_frac))
     stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     extras = {}
     for name, (module, lr) in task.extras().items():
-        module = ray.train.torch.prepare_model(module)
+        module = ray.train.torch.prepare_model(module, move_to_device=device)
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=tcfg.weight_decay,
                                 betas=(0.5, 0.9))  # VQGAN's discriminator betas
         extras[name] = (module, opt)
         stateful |= {name: module, f"{name}_optimizer": opt}
     return stateful, extras
+
+
+def _worker_device(tcfg: OptimConfig) -> tuple[torch.device, Callable[[], None]]:
+    """The device a worker trains on and what ends each step there: Ray Train's device (CPU, or
+    CUDA with ``use_gpu``; nothing to do), or torch_xla's (``train.device: xla``), where
+    ``torch_xla.sync()`` cuts the lazily traced step into a graph and runs it, as torch_xla's
+    training loops do after the optimiser step."""
+    if tcfg.device == "xla":
+        import torch_xla
+
+        return torch_xla.device(), torch_xla.sync
+    import ray.train.torch
+
+    return ray.train.torch.get_device(), lambda: None
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -134,12 +149,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     tcfg: OptimConfig = cfg["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device, end_step = _worker_device(tcfg)
     n = task.load(_read_rows(task), rank, world)
     if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
         torch.set_num_threads(tcfg.torch_threads)
     kernels.force_reference(tcfg.kernels == "reference")
-    stateful, extras = _trainables(task, tcfg)
+    stateful, extras = _trainables(task, tcfg, device)
     model, optimizer, scheduler = stateful["model"], stateful["optimizer"], stateful["scheduler"]
     start, state, ray_folder = 0, None, None
     if checkpoint := ray.train.get_checkpoint():
@@ -163,6 +178,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         idx = data.batch_indices(step, n, tcfg.batch_size, tcfg.seed, rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
+        end_step()
         done = step + 1
         if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
             if logger and step not in logged:
@@ -269,6 +285,10 @@ def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, 
     method = tokenizer.method_plugin()
     t = tokenizer.train
     perceptual = perceptual or resolve_perceptual(t.perceptual, t.perceptual_weight, t.lpips_backbone)
+    if t.device == "xla" and perceptual.kind == "inception":
+        raise UserValueError("the Inception-stem perceptual distance is a TorchScript module, which torch_xla cannot "
+                             "run: for train.device: xla set tokenizer.train.perceptual to ms_ssim, lpips (with "
+                             "lpips_backbone) or off")
     task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train, perceptual,
                          decomposition_uri)
     return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
