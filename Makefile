@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch: `pip install torch` alone would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench mutation gpu-wheels clean
+.PHONY: install demo test test-fast bench mutation gpu-wheels xla-env clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ bench: install
 mutation: install
 	$(BIN)/python -m pip install --quiet cosmic-ray
 	$(BIN)/python benchmarks/mutation.py
+
+# Experimental: a second environment for training through torch_xla (`train.device: xla`; TPU, or
+# XLA:CPU with PJRT_DEVICE=CPU). torch_xla pins its torch exactly, so it cannot share $(VENV).
+# PyPI's torch 2.9.0 for x86-64 is the CUDA build (several GB); it runs on CPU too.
+XLA_VENV ?= .venv-xla
+XLA_SPEC ?= torch==2.9.0 torch_xla==2.9.0
+xla-env: $(XLA_VENV)/.installed
+$(XLA_VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install --quiet $(XLA_SPEC)
+	$(XLA_VENV)/bin/python -m pip install --quiet -e '.[test]' $(XLA_SPEC)
+	touch $@
 
 # The wheels benchmarks/gpu_checks.sh installs on a lent GPU machine (Python 3.12, no network there):
 # what the kernels' tests and benchmarks import beyond the machine's torch and Triton, at this venv's versions.
