@@ -7,6 +7,7 @@ or killed one resumed (same MLflow run, same Ray run name), otherwise a new run 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,7 @@ STEPS_TAG = "c2f.max_steps"
 CONTINUED_TAG = "c2f.continued_from"  # the shorter finished run a longer one continued
 CONTINUED_CHECKPOINT_TAG = "c2f.continued_from_checkpoint"
 CONFIG_ARTIFACT = "c2f/config.yaml"  # the resolved config a run was started with (commands without --config load it)
+MODEL_ARTIFACT = "model"  # a finished run's final model, weights only (checkpoints.load_model reads the folder)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,11 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
         client.log_metric(run_id, TRAIN_TIME_METRIC, previous + time.perf_counter() - t0)
     client.set_tag(run_id, CHECKPOINT_TAG, fit.checkpoint_uri)
     finished = fit.steps >= max_steps
+    if finished:  # the run carries its model: it stays usable where the checkpoint store is not reachable
+        from coarse2fine.train import checkpoints
+
+        with tempfile.TemporaryDirectory() as tmp:
+            client.log_artifact(run_id, checkpoints.export_model(fit.checkpoint_uri, tmp), MODEL_ARTIFACT)
     client.set_tag(run_id, STATUS_TAG, "finished" if finished else f"paused at step {fit.steps}")
     client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
     return RunRef(run_id, fit.checkpoint_uri, False, fit.steps)

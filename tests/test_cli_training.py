@@ -45,6 +45,13 @@ def test_demo_train_evaluate_compare(tmp_path, capsys):
         assert "codebook_usage/scale_0" in run.data.metrics and run.data.params["tokenizer.method"] == "sit"
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")}
         assert {"eval/per_resolution.json", "eval/reconstructions.png"} <= arts
+        # the finished run carries its final model (weights only): it loads without the checkpoint store
+        exported = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=str(tmp_path / "m"))
+        stored = torch.load(Path(exported) / "state.pt", weights_only=False)
+        assert set(stored) == {"model", "step", "kind", "method", "model_config"}
+        assert stored["step"] == int(run.data.tags["c2f.max_steps"])
+        final = load_tokenizer(run.data.tags["c2f.checkpoint"]).state_dict()
+        assert all(torch.equal(v, final[k]) for k, v in load_tokenizer(exported).state_dict().items())
 
         # token shards: ids per scale equal the tokenizer's own encoding; a re-run is reused
         assert main(["tokenize", "--run", run_id, *sets(tmp_path)]) == 0
