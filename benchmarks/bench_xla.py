@@ -70,7 +70,7 @@ def main() -> None:
           f"(losses {eager_l[0]:.4f} → {eager_l[-1]:.4f})")
     compiled, executed = met.metric_data("CompileTime")[0], met.metric_data("ExecuteTime")[0]
     print(f"XLA graphs compiled: {compiled} (all in the first two steps when the count stays flat); "
-          f"graphs executed per step: {executed / args.steps:.1f} (each .item() of a metric runs one)")
+          f"graphs executed per step: {executed / args.steps:.1f} (every host copy of a value runs the graph it needs)")
 
 
 if __name__ == "__main__":

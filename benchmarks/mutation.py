@@ -4,7 +4,8 @@ For each module, cosmic-ray mutates it in a scratch clone of HEAD (``.c2f/mutati
 the module's fast tests once per mutant; a mutant is killed when a test fails. The tests import the
 scratch clone: the editable install's finder is remapped to it for the test process (the same
 trick as running tests in a git worktree). Prints killed / completed per module as a Markdown table
-(record it in benchmarks/RESULTS.md with the machine); sessions resume where they stopped.
+(record it in benchmarks/RESULTS.md with the machine); sessions resume where they stopped, as
+long as the module's code is unchanged (a changed module starts a new session).
 
     python benchmarks/mutation.py [--module train/kernels/haar.py ...] [--minutes 30]
 """
@@ -25,7 +26,7 @@ MODULES = {  # module -> the fast tests that pin its math
     "train/kernels/nearest_code.py": "tests/test_kernels.py",
     "preprocess/mumford_shah.py": "tests/test_mumford_shah.py -m 'not slow'",
     "evaluate/metrics.py": "tests/test_evaluate_metrics.py",
-    "train/models/blocks.py": "tests/test_methods.py -k block_causal",
+    "train/kernels/attention.py": "tests/test_kernels.py tests/test_methods.py tests/test_cart.py -k 'attention or block_causal'",
     "train/sampling.py": "tests/test_arsit.py -m 'not slow'",
 }
 
@@ -38,10 +39,12 @@ def finder_module() -> str:
 
 
 def prepare(work: Path) -> Path:
-    """A fresh clone of HEAD under ``work/src`` and the test wrapper ``work/pytest.sh``."""
+    """A clone of HEAD under ``work/src`` (brought to HEAD when it exists) and the test wrapper ``work/pytest.sh``."""
     src = work / "src"
     if not src.exists():
         subprocess.run(["git", "clone", "-q", str(REPO), str(src)], check=True)
+    subprocess.run(["git", "-C", str(src), "fetch", "-q", str(REPO), "HEAD"], check=True)
+    subprocess.run(["git", "-C", str(src), "reset", "-q", "--hard", "FETCH_HEAD"], check=True)
     wrapper = work / "pytest.sh"
     wrapper.write_text(
         "#!/bin/bash\n"
@@ -57,8 +60,11 @@ def prepare(work: Path) -> Path:
 
 def run_module(work: Path, src: Path, module: str, tests: str, minutes: float) -> tuple[int, int, int]:
     """(killed, completed, total mutants) of one module's session, after at most ``minutes``."""
+    # a session resumes only over the same code: its name carries the module's git blob id
+    blob = subprocess.run(["git", "-C", str(src), "rev-parse", f"HEAD:{module}"], capture_output=True, text=True,
+                          check=True).stdout.strip()[:10]
     name = module.replace("/", "_").removesuffix(".py")
-    config, session = work / f"{name}.toml", work / f"{name}.sqlite"
+    config, session = work / f"{name}.toml", work / f"{name}-{blob}.sqlite"
     config.write_text(
         "[cosmic-ray]\n"
         f'module-path = "{module}"\n'

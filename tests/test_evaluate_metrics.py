@@ -90,6 +90,55 @@ def test_psnr_ssim_l1_agree_with_scikit_image():
         assert float(m["l1"][i]) == pytest.approx(np.abs(x[i] - y[i]).mean())
 
 
+def test_metrics_clamp_reconstructions_and_weigh_ssim_constants_at_low_contrast():
+    """Out-of-range reconstructions are scored as clamped to [0, 1] (compared with scikit-image on
+    the clipped images), and at low contrast, where SSIM's stabilising constants C1 = (0.01 L)²,
+    C2 = (0.03 L)² dominate, SSIM still matches scikit-image with L = 1."""
+    rng = np.random.default_rng(1)
+    wide = rng.random((2, 3, 32, 32))
+    flat = 0.5 + 0.01 * rng.random((2, 3, 32, 32))
+    for x, y in ((wide, wide + rng.normal(0, 0.3, wide.shape)), (flat, flat + rng.normal(0, 0.01, flat.shape))):
+        m = reconstruction_metrics(torch.as_tensor(x), torch.as_tensor(y))
+        for i in range(2):
+            yc = np.clip(y[i], 0, 1)
+            assert float(m["psnr"][i]) == pytest.approx(peak_signal_noise_ratio(x[i], yc, data_range=1.0), rel=1e-6)
+            assert float(m["l1"][i]) == pytest.approx(np.abs(x[i] - yc).mean())
+            if x is flat:  # SSIM ≈ 0.9 here with L = 1 and ≈ 0.1 without the constants; the two libraries'
+                # border handling differs by about 1e-3
+                ref = structural_similarity(x[i], yc, channel_axis=0, data_range=1.0, gaussian_weights=True,
+                                            sigma=1.5, use_sample_covariance=False)
+                assert float(m["ssim"][i]) == pytest.approx(ref, abs=0.01)
+
+
+def test_feature_stats_count_samples_and_protocol_defaults_are_the_standard_ones():
+    """``n`` is the number of samples (reported beside every FID); KID defaults to 100 subsets of
+    1000 (Bińkowski et al., torch-fidelity), seed 0; IS to 10 splits (Salimans et al.)."""
+    import inspect
+
+    assert FeatureStats.from_features(np.random.default_rng(0).random((7, 3))).n == 7
+    kid = inspect.signature(kernel_inception_distance).parameters
+    assert (kid["subsets"].default, kid["subset_size"].default, kid["seed"].default) == (100, 1000, 0)
+    assert inspect.signature(inception_score).parameters["splits"].default == 10
+
+
+@pytest.mark.parametrize("call", [
+    lambda: reconstruction_metrics(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9)),
+    lambda: reconstruction_metrics(torch.zeros(1, 3, 8, 9), torch.zeros(1, 3, 8, 8)),
+    lambda: reconstruction_metrics(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)),
+    lambda: reconstruction_metrics(torch.zeros(1, 1, 3, 8, 8), torch.zeros(1, 1, 3, 8, 8)),
+    lambda: FeatureStats.from_features(np.zeros((1, 4))),
+    lambda: FeatureStats.from_features(np.zeros((2, 3, 4))),
+    lambda: codebook_usage(np.array([-1, 0]), 8),
+])
+def test_bad_metric_inputs_are_refused(call):
+    with pytest.raises(AssertionError):
+        call()
+
+
+def test_two_samples_are_enough_for_feature_stats():
+    assert FeatureStats.from_features(np.array([[0.0, 1.0], [1.0, 0.0]])).n == 2
+
+
 def test_codebook_usage_and_unique_ratio():
     idx = np.array([[0, 0, 1, 1], [2, 3, 3, 3]])
     assert codebook_usage(idx, 8) == 0.5

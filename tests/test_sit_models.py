@@ -298,3 +298,15 @@ def test_entropy_weight_switches_the_entropy_terms():
     _, _, aux_on = on(z)
     torch.testing.assert_close(aux_off, t["codebook"] + 0.25 * t["commitment"])
     torch.testing.assert_close(aux_on - aux_off, 0.002 * (t["token_entropy"] - t["codebook_entropy"]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_codes_used_counts_distinct_ids_and_metrics_convert_in_one_copy(seed):
+    """``codes_used`` against a Python set of the ids; ``to_floats`` keeps every value and key."""
+    from coarse2fine.train.steps import codes_used, to_floats
+
+    ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(seed))
+    assert int(codes_used(ids, 64)) == len(set(ids.flatten().tolist()))
+    out = to_floats({"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[0.25]]), "d": codes_used(ids, 64) / 64})
+    assert out == {"a": 1.5, "b": 2.0, "c": 0.25, "d": len(set(ids.flatten().tolist())) / 64}
+    assert all(type(v) is float for v in out.values())

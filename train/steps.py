@@ -78,9 +78,23 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
         disc_optimizer.step()
         scalars["d_loss"] = d_loss
     scalars["loss"] = loss
-    usage = {f"batch_usage/{name}": ids.unique().numel() / vocab
-             for ids, (name, vocab, _) in zip(group_ids(indices, groups), groups)}
-    return {k: v.item() for k, v in scalars.items()} | usage | {"lr": scheduler.get_last_lr()[0]}
+    for ids, (name, vocab, _) in zip(group_ids(indices, groups), groups):
+        scalars[f"batch_usage/{name}"] = codes_used(ids, vocab) / vocab
+    return to_floats(scalars) | {"lr": scheduler.get_last_lr()[0]}
+
+
+def codes_used(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How many of the ``vocab`` codes occur in ``ids`` (a 0-dim tensor; static shapes, unlike
+    ``unique()``, so an XLA graph keeps it)."""
+    return ids.new_zeros(vocab).index_fill_(0, ids.flatten(), 1).sum()
+
+
+def to_floats(scalars: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """0-dim tensors (and floats) → floats in one device-to-host copy: one sync per step on CUDA and
+    one graph on XLA, where an ``.item()`` per metric costs one each."""
+    keys = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([scalars[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    return {k: float(v) for k, v in scalars.items() if k not in keys} | dict(zip(keys, values))
 
 
 def group_ids(indices: torch.Tensor, groups: list[tuple[str, int, int]]) -> list[torch.Tensor]:
@@ -124,5 +138,4 @@ def generator_train_step(model, optimizer, scheduler, tokens: torch.Tensor, labe
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     scheduler.step()
-    return ({"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
-            | {k: float(v) for k, v in parts.items()})
+    return to_floats({"loss": loss, "grad_norm": grad_norm, **parts}) | {"lr": scheduler.get_last_lr()[0]}
