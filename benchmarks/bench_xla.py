@@ -24,7 +24,7 @@ import torch
 from common import demo_config
 from coarse2fine.train import methods
 from coarse2fine.train.losses import LossWeights, PerceptualChoice, build_perceptual
-from coarse2fine.train.steps import tokenizer_train_step
+from coarse2fine.train.steps import to_floats, tokenizer_train_step
 
 
 def run(device: torch.device, steps: int, batch: int, end_step) -> tuple[list[float], list[float]]:
@@ -44,6 +44,7 @@ def run(device: torch.device, steps: int, batch: int, end_step) -> tuple[list[fl
         t = time.perf_counter()
         metrics = tokenizer_train_step(model, opt, sched, x, weights, perceptual=distance)
         end_step()
+        metrics = to_floats(metrics)
         times.append(time.perf_counter() - t)
         losses.append(metrics["loss"])
     return times, losses

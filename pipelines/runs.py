@@ -167,8 +167,12 @@ def tracked_fit(tracking_cfg: TrackingConfig, config: dict, kind: str, method: s
     if finished:  # the run carries its model: it stays usable where the checkpoint store is not reachable
         from coarse2fine.train import checkpoints
 
-        with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifact(run_id, checkpoints.export_model(fit.checkpoint_uri, tmp), MODEL_ARTIFACT)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                client.log_artifact(run_id, checkpoints.export_model(fit.checkpoint_uri, tmp), MODEL_ARTIFACT)
+        except Exception as e:  # a convenience copy: the run and its checkpoint stand without it
+            log.warning("train-%s: run %s finished, but its model could not be logged to MLflow (%s: %s); "
+                        "the checkpoint %s holds it", kind, run_id, type(e).__name__, e, fit.checkpoint_uri)
     client.set_tag(run_id, STATUS_TAG, "finished" if finished else f"paused at step {fit.steps}")
     client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
     return RunRef(run_id, fit.checkpoint_uri, False, fit.steps)

@@ -140,13 +140,30 @@ def test_lecam_regularizer_against_its_formula():
 def test_adversarial_step_with_lecam_updates_the_discriminator_averages():
     from coarse2fine.train.losses import LossWeights
     from coarse2fine.train.models.discriminator import PatchDiscriminator
-    from coarse2fine.train.steps import tokenizer_train_step, warmup_cosine
+    from coarse2fine.train.steps import to_floats, tokenizer_train_step, warmup_cosine
 
     m, disc = tiny(), PatchDiscriminator(channels=8, layers=2)
     opt, d_opt = torch.optim.Adam(m.parameters(), 1e-3), torch.optim.Adam(disc.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4))
-    metrics = tokenizer_train_step(m, opt, sched, torch.rand(2, 3, 32, 32), LossWeights(adversarial=0.1, lecam=0.001),
-                                   disc=disc, disc_optimizer=d_opt, groups=[("channel_0", 64, 16)],
-                                   last_layer=methods.tokenizer("cq").last_layer(m))
+    metrics = to_floats(tokenizer_train_step(m, opt, sched, torch.rand(2, 3, 32, 32),
+                                             LossWeights(adversarial=0.1, lecam=0.001), disc=disc, disc_optimizer=d_opt,
+                                             groups=[("channel_0", 64, 16)],
+                                             last_layer=methods.tokenizer("cq").last_layer(m)))
     assert metrics["lecam"] >= 0 and "d_loss" in metrics and 0 < metrics["batch_usage/channel_0"] <= 1
     assert disc.ema_real.item() != 0 and disc.ema_fake.item() != 0
+
+
+def test_euclidean_codebook_init_and_dimensions():
+    """taming-transformers' init, uniform in ±1/K (filling the interval); the code dimension
+    defaults to the feature dimension (no projections) and may be lower or higher than it."""
+    K = 4096
+    vq = EuclideanVQ(8, K)
+    c = vq.codebook.detach()
+    assert c.shape == (K, 8) and isinstance(vq.proj_in, torch.nn.Identity)
+    assert c.abs().max() <= 1 / K and c.max() > 0.9 / K and c.min() < -0.9 / K
+    assert abs(float(c.mean())) < 0.05 / K  # centred: a symmetric interval
+    for code_dim in (3, 12):
+        vq = EuclideanVQ(8, 16, code_dim=code_dim)
+        assert vq.codebook.shape == (16, code_dim) and isinstance(vq.proj_in, torch.nn.Linear)
+        q, idx, _ = vq(torch.randn(2, 5, 8))
+        assert q.shape == (2, 5, 8) and torch.allclose(q, vq.indices_to_codes(idx), atol=1e-6)  # z + (e - z) ≈ e

@@ -197,8 +197,10 @@ def brute_force_attention(q, k, v, sizes):
 
 @pytest.mark.parametrize("sizes", [(1, 4, 16, 9), (16, 64, 100, 200)])  # the second spans three 128-token tiles
 def test_block_causal_attention_and_its_flex_block_mask_equal_brute_force(sizes):
-    """The reference (SDPA + cached mask) and FlexAttention with our ``BlockMask`` (uncompiled, the
-    only FlexAttention CPU runs; the compiled CUDA kernel is the GPU test below) against brute force."""
+    """The reference (SDPA + cached mask) and FlexAttention given our ``BlockMask`` against brute
+    force. Uncompiled (all FlexAttention runs on CPU) it applies our ``mask_mod`` densely; the tile
+    structure that the compiled kernel skips by is built by torch from the same ``mask_mod``, and
+    the compiled CUDA kernel itself is the GPU test below."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from coarse2fine.train.kernels import attention
@@ -244,7 +246,7 @@ def test_flex_attention_serves_long_sequences_with_power_of_two_heads(monkeypatc
 @pytest.mark.parametrize("sizes, hs, flex", [((1024,) * 5, 64, True), ((1024,) * 5, 24, False), ((256,) * 5, 64, False)])
 def test_on_cuda_flex_attention_is_chosen_by_length_and_head_size_and_equals_the_reference(monkeypatch, sizes, hs, flex):
     """SIT-shaped (5 scales at 512 and 256 px): compiled FlexAttention where the rule picks it,
-    forward and gradients equal to SDPA with the dense mask (fp32 inputs; TF32 off)."""
+    forward and gradients equal to SDPA with the dense mask (fp32 inputs)."""
     from coarse2fine.train.kernels import attention
 
     used = []

@@ -220,7 +220,7 @@ def test_tiny_sit_overfits_16_demo_images():
     from coarse2fine.train.losses import LossWeights
     from coarse2fine.train import methods
     from coarse2fine.train.methods.base import usage_groups
-    from coarse2fine.train.steps import tokenizer_eval_step, tokenizer_train_step, warmup_cosine
+    from coarse2fine.train.steps import to_floats, tokenizer_eval_step, tokenizer_train_step, warmup_cosine
 
     torch.manual_seed(0)
     x = torch.from_numpy(np.stack([np.asarray(c, np.float32) / 255 for _, c in demo_crops(16, 32, 0)]))
@@ -235,7 +235,7 @@ def test_tiny_sit_overfits_16_demo_images():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(300))
     groups = usage_groups(methods.tokenizer("sit").layout(m.cfg))
     for _ in range(300):
-        metrics = tokenizer_train_step(m, opt, sched, x, LossWeights(), groups=groups)
+        metrics = to_floats(tokenizer_train_step(m, opt, sched, x, LossWeights(), groups=groups))
     assert 0 < metrics["batch_usage/scale_2"] <= 1
     after = psnr()
     assert np.isfinite(metrics["loss"])
@@ -245,7 +245,7 @@ def test_tiny_sit_overfits_16_demo_images():
 def test_adversarial_step_with_spectral_normalised_discriminator():
     from coarse2fine.train.losses import LossWeights
     from coarse2fine.train.models.discriminator import PatchDiscriminator
-    from coarse2fine.train.steps import tokenizer_train_step, warmup_cosine
+    from coarse2fine.train.steps import to_floats, tokenizer_train_step, warmup_cosine
 
     torch.manual_seed(0)
     m = model()
@@ -259,10 +259,12 @@ def test_adversarial_step_with_spectral_normalised_discriminator():
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
     weights = LossWeights(adversarial=0.1, adversarial_start=1)
     last = [proj.weight for proj in m.patch_out]
-    before = tokenizer_train_step(m, opt, sched, x, weights, step=0, disc=disc, disc_optimizer=d_opt, last_layer=last)
+    before = to_floats(tokenizer_train_step(m, opt, sched, x, weights, step=0, disc=disc, disc_optimizer=d_opt,
+                                            last_layer=last))
     assert "g_adv" not in before  # not yet started
     d_before = [p.detach().clone() for p in disc.parameters()]
-    after = tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt, last_layer=last)
+    after = to_floats(tokenizer_train_step(m, opt, sched, x, weights, step=1, disc=disc, disc_optimizer=d_opt,
+                                           last_layer=last))
     assert np.isfinite(after["g_adv"]) and np.isfinite(after["d_loss"]) and after["d_loss"] >= 0
     assert np.isfinite(after["adaptive_weight"]) and after["adaptive_weight"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters()))
@@ -307,6 +309,31 @@ def test_codes_used_counts_distinct_ids_and_metrics_convert_in_one_copy(seed):
 
     ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(seed))
     assert int(codes_used(ids, 64)) == len(set(ids.flatten().tolist()))
-    out = to_floats({"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[0.25]]), "d": codes_used(ids, 64) / 64})
-    assert out == {"a": 1.5, "b": 2.0, "c": 0.25, "d": len(set(ids.flatten().tolist())) / 64}
+    out = to_floats({"a": torch.tensor(0.1, dtype=torch.float64), "b": 2, "c": torch.tensor([[0.25]]),
+                     "d": codes_used(ids, 64) / 64})
+    assert out == {"a": 0.1, "b": 2.0, "c": 0.25, "d": len(set(ids.flatten().tolist())) / 64}  # float64 kept
     assert all(type(v) is float for v in out.values())
+
+
+@pytest.mark.gpu
+def test_to_floats_takes_metrics_from_several_devices():
+    """FAR's level and the fixed adaptive weight are CPU scalars beside CUDA losses."""
+    from coarse2fine.train.steps import to_floats
+
+    assert to_floats({"a": torch.tensor(1.5, device="cuda"), "b": torch.tensor(2.5), "c": 3}) == {
+        "a": 1.5, "b": 2.5, "c": 3.0}
+
+
+def test_a_shared_codebook_folds_the_scales_into_one_group_with_its_loss_terms():
+    """num_codebooks = 1 over 3 scales (SIT's shared codebook): the same as quantizing the scales'
+    tokens as one group of 3N, terms included, reshaped back per scale."""
+    torch.manual_seed(0)
+    vq = FactorizedVQ(dim=8, codebook_size=16, code_dim=4, num_codebooks=1)
+    z = torch.randn(2, 3, 5, 8)  # (B, S, N, C)
+    q, idx, aux, terms = vq(z, return_terms=True)
+    q1, idx1, aux1, terms1 = vq(z.reshape(2, 1, 15, 8), return_terms=True)
+    assert q.shape == (2, 3, 5, 8) and idx.shape == (2, 3, 5)
+    assert torch.equal(q, q1.reshape(2, 3, 5, 8)) and torch.equal(idx, idx1.reshape(2, 3, 5))
+    assert torch.equal(aux, aux1) and terms.keys() == terms1.keys() == {
+        "codebook", "commitment", "token_entropy", "codebook_entropy"}
+    assert all(torch.equal(terms[k], terms1[k]) for k in terms)

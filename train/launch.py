@@ -31,7 +31,7 @@ from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train import checkpoints, data, kernels
 from coarse2fine.train.config import OptimConfig, RayConfig, TokenizerConfig
 from coarse2fine.train.losses import PerceptualChoice, resolve_perceptual
-from coarse2fine.train.steps import unwrap, warmup_cosine
+from coarse2fine.train.steps import to_floats, unwrap, warmup_cosine
 from coarse2fine.train.tasks import GeneratorTask, Task, TokenizerTask
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device, end_step = _worker_device(tcfg)
+    load_to = "cpu" if device.type == "xla" else device  # torch.load cannot map to XLA; load_state_dict copies
     n = task.load(_read_rows(task), rank, world)
     if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
         torch.set_num_threads(tcfg.torch_threads)
@@ -160,15 +161,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint := ray.train.get_checkpoint():
         ray_folder = os.path.basename(checkpoint.path.rstrip("/"))
         with checkpoint.as_directory() as d:
-            state = checkpoints.read_state(d, device)
+            state = checkpoints.read_state(d, load_to)
     # Ray's list lags behind the disk after a kill: a newer complete checkpoint on disk wins
-    state = checkpoints.newest_state(cfg["run_uri"], device, newer_than=ray_folder) or state
+    state = checkpoints.newest_state(cfg["run_uri"], load_to, newer_than=ray_folder) or state
     if state is None and cfg.get("continue_from"):  # a longer run continues a shorter one's full state
-        state = checkpoints.read_state(cfg["continue_from"], device)
+        state = checkpoints.read_state(cfg["continue_from"], load_to)
     if state is not None:
         start = checkpoints.resume(stateful, state)
     elif cfg.get("init_checkpoint"):
-        checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], device)
+        checkpoints.warm_start(stateful, cfg["init_checkpoint"], ["model", *extras], load_to)
     logger: MetricsLogger | None = cfg.get("logger") if rank == 0 else None
     logged = logger.logged_steps() if logger and start > 0 else set()  # a killed run may have logged past its checkpoint
     use_bf16 = tcfg.bf16 and device.type == "cuda"
@@ -179,6 +180,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
         end_step()
+        metrics = to_floats(metrics)  # after the step ran: one host copy
         done = step + 1
         if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
             if logger and step not in logged:

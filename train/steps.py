@@ -32,11 +32,12 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
                          clip_norm: float = 1.0, step: int = 0, disc=None, disc_optimizer=None,
                          groups: list[tuple[str, int, int]] = (), bases: torch.Tensor | None = None,
                          perceptual: torch.nn.Module | None = None, last_layer: list[torch.Tensor] = ()
-                         ) -> dict[str, float]:
+                         ) -> dict[str, torch.Tensor | float]:
     """One optimisation step on a batch of images in [0, 1] (and their Mumford–Shah ``bases`` for
     a model that takes them, CART); returns scalar metrics, including the share of each token
     group's codebook used by the batch (collapse shows from the first step): ``groups`` =
-    (name, vocabulary, tokens) of the groups in the model's flat indices.
+    (name, vocabulary, tokens) of the groups in the model's flat indices. The metrics stay on the
+    device as 0-dim tensors (the learning rate is a float): :func:`to_floats` copies them at once.
 
     Reconstruction loss = L2 (+ the ``perceptual`` distance). With a discriminator (and ``step >=
     weights.adversarial_start``) the tokenizer also gets the hinge generator loss, scaled by VQGAN's
@@ -80,7 +81,7 @@ def tokenizer_train_step(model, optimizer, scheduler, x_B3HW: torch.Tensor, weig
     scalars["loss"] = loss
     for ids, (name, vocab, _) in zip(group_ids(indices, groups), groups):
         scalars[f"batch_usage/{name}"] = codes_used(ids, vocab) / vocab
-    return to_floats(scalars) | {"lr": scheduler.get_last_lr()[0]}
+    return {k: v.detach() for k, v in scalars.items()} | {"lr": scheduler.get_last_lr()[0]}
 
 
 def codes_used(ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -90,10 +91,12 @@ def codes_used(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def to_floats(scalars: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """0-dim tensors (and floats) → floats in one device-to-host copy: one sync per step on CUDA and
-    one graph on XLA, where an ``.item()`` per metric costs one each."""
+    """A step's metrics (0-dim tensors, wherever they live, and floats) → floats in one
+    device-to-host copy, in float64: one sync per step on CUDA, and on XLA no graph of its own when
+    called after the step's ``torch_xla.sync()`` (an ``.item()`` per metric costs one each)."""
     keys = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([scalars[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    dev = scalars[keys[0]].device if keys else None
+    values = torch.stack([scalars[k].detach().to(dev, torch.float64).reshape(()) for k in keys]).tolist() if keys else []
     return {k: float(v) for k, v in scalars.items() if k not in keys} | dict(zip(keys, values))
 
 
@@ -125,10 +128,10 @@ def drop_condition(labels_B: torch.Tensor, null_class: int, prob: float, generat
 
 
 def generator_train_step(model, optimizer, scheduler, tokens: torch.Tensor, labels_B: torch.Tensor, loss_fn,
-                         clip_norm: float = 1.0) -> dict[str, float]:
+                         clip_norm: float = 1.0) -> dict[str, torch.Tensor | float]:
     """One step of the generator method's loss ``loss_fn(model, tokens, cond) -> (loss, parts)`` on
     a batch of token sequences; the condition is dropped to the null class at the model's
-    ``cond_drop_prob`` (classifier-free guidance training)."""
+    ``cond_drop_prob`` (classifier-free guidance training). Metrics as in :func:`tokenizer_train_step`."""
     model.train()
     cfg = unwrap(model).cfg
     cond = drop_condition(labels_B, cfg.null_class, cfg.cond_drop_prob)
@@ -138,4 +141,5 @@ def generator_train_step(model, optimizer, scheduler, tokens: torch.Tensor, labe
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     scheduler.step()
-    return to_floats({"loss": loss, "grad_norm": grad_norm, **parts}) | {"lr": scheduler.get_last_lr()[0]}
+    parts = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
+    return {"loss": loss.detach(), "grad_norm": grad_norm, **parts, "lr": scheduler.get_last_lr()[0]}
