@@ -72,6 +72,24 @@ def test_prefix_is_never_altered(use_cache):
     assert torch.equal(out[:, : N + 1], prefix) and out.shape == (3, S * N)
 
 
+def test_a_complete_prefix_comes_back_unchanged_and_a_longer_one_is_refused():
+    m, cond = model(), torch.tensor([0, 1])
+    prefix = torch.randint(0, V, (2, 2 * N))
+    assert torch.equal(sample_tokens(m, cond, 2 * N, prefix), prefix)
+    with pytest.raises(AssertionError, match="prefix longer"):
+        sample_tokens(m, cond, 2 * N - 1, prefix)
+
+
+def test_sampling_builds_no_autograd_graph():
+    """Every forward pass of the generator during sampling runs with gradients off (memory)."""
+    m, modes = model(), []
+    m.blocks[0].register_forward_pre_hook(lambda *_: modes.append(torch.is_grad_enabled()))
+    with torch.enable_grad():
+        sample_tokens(m.train(), torch.tensor([0]), S * N, guidance=2.0)
+        assert torch.is_grad_enabled()  # the caller's mode is restored
+    assert len(modes) == S * N and not any(modes)  # one cached pass per token
+
+
 def test_upsample_and_edit_keep_the_given_scales():
     gen, tok = pair()
     x = torch.rand(2, 3, 32, 32)

@@ -222,7 +222,8 @@ def test_block_causal_attention_takes_the_reference_on_cpu(monkeypatch):
     attention.block_causal_attention(q, q, q, (2, attention.FLEX_MIN_TOKENS - 2))
 
 
-@pytest.mark.parametrize("L, hs, flex", [(64, 16, True), (63, 16, False), (64, 24, False), (64, 8, False)])
+@pytest.mark.parametrize("L, hs, flex", [(64, 16, True), (65, 32, True), (63, 16, False), (64, 24, False),
+                                         (64, 20, False), (64, 8, False)])
 def test_flex_attention_serves_long_sequences_with_power_of_two_heads(monkeypatch, L, hs, flex):
     """The measured rule (where the kernel may run): FlexAttention from FLEX_MIN_TOKENS tokens on,
     for head sizes tl.dot tiles; the reference otherwise. Both give the brute-force result."""
@@ -240,6 +241,15 @@ def test_flex_attention_serves_long_sequences_with_power_of_two_heads(monkeypatc
         out = attention.block_causal_attention(q, k, v, sizes)
     assert bool(used) == flex
     assert torch.allclose(out.double(), brute_force_attention(q, k, v, sizes), atol=1e-5)
+
+
+def test_block_causal_attention_refuses_blocks_that_do_not_cover_the_sequence():
+    from coarse2fine.train.kernels import attention
+
+    q = torch.randn(1, 2, 5, 16)
+    for sizes in ((2, 4), (2, 2)):
+        with pytest.raises(AssertionError, match="tokens for blocks of"):
+            attention.block_causal_attention(q, q, q, sizes)
 
 
 @pytest.mark.gpu
