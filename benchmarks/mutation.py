@@ -26,7 +26,7 @@ MODULES = {  # module -> the fast tests that pin its math
     "train/kernels/nearest_code.py": "tests/test_kernels.py",
     "preprocess/mumford_shah.py": "tests/test_mumford_shah.py -m 'not slow'",
     "evaluate/metrics.py": "tests/test_evaluate_metrics.py",
-    "train/kernels/attention.py": "tests/test_kernels.py tests/test_methods.py tests/test_cart.py -k 'attention or block_causal'",
+    "train/kernels/attention.py": "tests/test_kernels.py tests/test_methods.py -k 'attention or block_causal'",
     "train/sampling.py": "tests/test_arsit.py -m 'not slow'",
 }
 

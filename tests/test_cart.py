@@ -15,7 +15,6 @@ from hypothesis import given, settings, strategies as st
 from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.train import methods
 from coarse2fine.train.methods.base import SampleSettings
-from coarse2fine.train.kernels.attention import block_causal_mask
 from coarse2fine.train.models.cart import CARTConfig, build_cart
 from coarse2fine.train.models.residual_vq import map_schedule, residual_quantize
 
@@ -100,14 +99,6 @@ def test_detail_features_are_differences_of_base_features():
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         CARTConfig(**({"resolution": 32, "base_scales": (1, 2, 4)} | kw))
-
-
-def test_block_causal_mask_over_unequal_maps_matches_brute_force():
-    sizes = [1, 4, 9, 16, 16]
-    mask = block_causal_mask(sizes)
-    owner = [b for b, n in enumerate(sizes) for _ in range(n)]
-    expected = torch.tensor([[owner[j] <= owner[i] for j in range(len(owner))] for i in range(len(owner))])
-    assert torch.equal(mask, expected)
 
 
 def tiny_pair(order=2, num_classes=3):

@@ -152,7 +152,7 @@ def test_config_errors_name_the_registry(override, message):
         load_config(TINY, [override])
 
 
-@pytest.mark.parametrize("sizes", [[1, 4, 16], [4, 4, 4], [3, 1, 5, 2]])
+@pytest.mark.parametrize("sizes", [[1, 4, 16], [4, 4, 4], [3, 1, 5, 2], [1, 4, 9, 16, 16]])  # the last: CART's maps
 def test_block_causal_mask_for_blocks_of_unequal_sizes(sizes):
     """Against a brute-force loop: token i may see token j iff j's block is not after i's."""
     from coarse2fine.train.kernels.attention import block_causal_mask
