@@ -35,9 +35,9 @@ FLEX_MIN_TOKENS = 4096
 
 
 def block_causal_mask(tokens_per_block, device: torch.device | None = None) -> torch.Tensor:
-    """(L, L) bool, True where token i (block b_i) may attend token j (block b_j <= b_i)."""
-    block = _block_ids(tuple(int(n) for n in tokens_per_block), torch.device(device or "cpu"))  # (L,)
-    return block[:, None] >= block[None, :]
+    """(L, L) bool, True where token i (block b_i) may attend token j (block b_j <= b_i); built once
+    per (sizes, device) and shared, so callers must not modify it."""
+    return _mask(tuple(int(n) for n in tokens_per_block), torch.device(device or "cpu"))
 
 
 def block_causal_attention(q_BhLd: torch.Tensor, k_BhLd: torch.Tensor, v_BhLd: torch.Tensor,
@@ -47,7 +47,7 @@ def block_causal_attention(q_BhLd: torch.Tensor, k_BhLd: torch.Tensor, v_BhLd: t
     L, hs = q_BhLd.shape[-2:]
     if use_kernel(q_BhLd, k_BhLd, v_BhLd) and L >= FLEX_MIN_TOKENS and hs >= 16 and hs & (hs - 1) == 0:
         return _compiled_flex()(q_BhLd, k_BhLd, v_BhLd, block_mask=flex_block_mask(sizes, q_BhLd.device))
-    return F.scaled_dot_product_attention(q_BhLd, k_BhLd, v_BhLd, attn_mask=_cached_mask(sizes, q_BhLd.device))
+    return F.scaled_dot_product_attention(q_BhLd, k_BhLd, v_BhLd, attn_mask=_mask(sizes, q_BhLd.device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,8 +57,9 @@ def _block_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_mask(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return block_causal_mask(sizes, device)
+def _mask(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    block = _block_ids(sizes, device)  # (L,)
+    return block[:, None] >= block[None, :]
 
 
 @functools.lru_cache(maxsize=64)

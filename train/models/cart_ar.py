@@ -74,7 +74,6 @@ class CARTAR(nn.Module):
         self.head = nn.Linear(C, cfg.codebook_size)
         level = torch.repeat_interleave(torch.arange(len(cfg.map_sides)), torch.tensor(cfg.map_sizes))
         self.register_buffer("level", level, persistent=False)  # (L,) map of each position
-        self.register_buffer("mask", block_causal_mask(cfg.map_sizes), persistent=False)  # (L, L)
         starts = torch.tensor([0] + cfg.map_sizes).cumsum(0)
         self.register_buffer("starts", starts, persistent=False)  # (M+1,) first position of each map
 
@@ -108,7 +107,8 @@ class CARTAR(nn.Module):
         first = int(self.starts[m])
         assert cache.length == first, f"the cache holds {cache.length} positions, map {m} starts at {first}"
         x = self._start_map(cond_B) if m == 0 else self.word_embed(input_BTC)  # (B, s_m², C)
-        mask = self.mask[first: first + x.shape[1], : first + x.shape[1]]  # all earlier maps and this one
+        T = x.shape[1]
+        mask = block_causal_mask(self.cfg.map_sizes, x.device)[first: first + T, : first + T]  # (T, first+T): maps <= m
         return self._trunk(x, first, cache, mask=mask)
 
     def new_cache(self) -> KVCache:
