@@ -144,10 +144,9 @@ def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
 
 def pairs_at_once(pairs: list[tuple[str, Config]]) -> int:
     """How many pairs train at the same time: as many as the Ray cluster's resources hold the most
-    demanding training of any pair, at least one. A training needs ``num_workers`` GPUs (with
-    ``use_gpu``), ``num_workers × torch_threads`` CPUs (what CPU workers really use), and at least
-    ``num_workers + 1`` CPUs either way (Ray reserves one per worker, and the workers' Ray Data
-    reads need one more: two trainings on a 2-CPU Ray wait for each other's read tasks forever).
+    demanding training of any pair, at least one. A training needs ``num_workers`` GPUs and CPUs
+    (with ``use_gpu``; Ray reserves one CPU per worker), or ``num_workers × torch_threads`` CPUs
+    (what CPU workers really use).
 
     On a 2-core machine that is one pair at a time. Evaluations run one at a time whatever the
     number (``_EVALUATING``); on a cluster they share the flow's machine with nothing but other
@@ -157,8 +156,7 @@ def pairs_at_once(pairs: list[tuple[str, Config]]) -> int:
     free = ensure_ray(pairs[0][1].ray)
 
     def fits(t) -> float:
-        cpus = free.get("CPU", 1) // (t.num_workers + 1 if t.use_gpu else
-                                      max(t.num_workers * (t.torch_threads or 1), t.num_workers + 1))
+        cpus = free.get("CPU", 1) // (t.num_workers * (1 if t.use_gpu else t.torch_threads or 1))
         return min(cpus, free.get("GPU", 0) // t.num_workers) if t.use_gpu else cpus
 
     return max(1, int(min(fits(t) for _, c in pairs for t in (c.tokenizer.train, c.generator.train))))

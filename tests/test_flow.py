@@ -192,7 +192,7 @@ def test_flow_compares_pairs_and_a_failing_pair_fails_alone(tmp_path, prefect_en
 
     monkeypatch.setattr(stages, "tokenize", flaky)
     fixed = full_pipeline(tiny, overrides(tmp_path, "pairs=[sit:ar_sit, kl:mar, cart:cart]"), return_state=True)
-    assert fixed.is_completed() and len(calls) == 4 and calls[0] == calls[1]  # sit's tokenize ran twice
+    assert fixed.is_completed() and len(calls) == 4 and calls.count(calls[0]) == 2  # the failed call was retried
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fixed.state_details.flow_run_id])),
                                      task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["tokenize[sit]"])))

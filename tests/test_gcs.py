@@ -54,7 +54,7 @@ def test_gs_round_trip(gcs, demo_folder):
 
 
 def test_tokenizer_training_reads_and_checkpoints_on_gs(gcs, demo_folder):
-    """Ray Data reads the gs:// images dataset and Ray Train checkpoints to gs:// (through gcsfs)."""
+    """Ray Train workers stream the gs:// images dataset and checkpoint to gs:// (through gcsfs)."""
     import ray
 
     from coarse2fine.preprocess.beam_jobs import ingest

@@ -11,7 +11,6 @@ from coarse2fine.evaluate.config import TrackingConfig
 from coarse2fine.evaluate.tracking import MlflowLogger, configure
 from coarse2fine.preprocess.beam_jobs import ingest
 from coarse2fine.train.config import TokenizerConfig, TrainConfig
-from coarse2fine.train.data import batch_indices
 from coarse2fine.train.launch import fit_tokenizer
 from coarse2fine.train.checkpoints import load_tokenizer
 
@@ -22,7 +21,6 @@ pytestmark = pytest.mark.slow
 def ray_session():
     import ray
 
-    # 3 logical CPUs: a two-worker training holds 2 and its Ray Data reads need one more
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
@@ -53,13 +51,6 @@ def new_run(tracking: TrackingConfig, name: str) -> str:
     configure(tracking)
     return mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(tracking.experiment).experiment_id,
                                             run_name=name).info.run_id
-
-
-def test_batches_are_a_pure_function_of_the_step():
-    a = [batch_indices(s, 10, 4, seed=0, rank=0).tolist() for s in range(5)]
-    assert a == [batch_indices(s, 10, 4, seed=0, rank=0).tolist() for s in range(5)]
-    flat = sum(a, [])[:10]  # the first epoch visits every row once
-    assert sorted(flat) == list(range(10))
 
 
 def test_resumed_run_continues_the_loss_curve(ray_session, images_uri, tmp_path):

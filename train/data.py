@@ -1,68 +1,170 @@
-"""Training data from the ``images`` and ``tokens`` datasets, with a deterministic, resumable batch order.
+"""Training data from the ``images`` and ``tokens`` datasets, streamed shard by shard in a
+deterministic, resumable order.
 
-Every worker reads the dataset's listed shards (through Ray Data when run under Ray Train), keeps
-the rows of its split sorted by key, takes every ``world``-th one from its rank, and draws batches
-from seeded per-epoch permutations. The batch of a step is a pure function of
-``(seed, rank, step)``, so a resumed run continues exactly where the checkpoint left off (no
-skipped or repeated batches). Rows are held decoded in memory: fine for demo-scale datasets; large
-datasets need a streaming loader (noted in the README).
+Each worker first reads only the small columns of every listed shard (``key``, ``split``) to
+index its rows: the rows of the split sorted by key, every ``world``-th from its rank. An epoch
+visits this rank's shards in a seeded random order and, inside each shard, its rows in a seeded
+random order (MosaicML streaming's shard-then-sample shuffle), so a worker decodes one shard at a
+time and its memory stays flat as the dataset grows. The batch of a step is a pure function of
+``(seed, rank, step)``: a resumed run continues exactly where its checkpoint left off (no skipped
+or repeated batches).
+
+Why the workers read shards themselves rather than through Ray Data's iterator: Ray Data's
+streaming split hands blocks to whichever worker asks first and cannot start an epoch at an
+arbitrary step, so the batch order would no longer be a function of the step and resume would
+not be exact.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 import torch
 
 from coarse2fine.preprocess import schema
 from coarse2fine.preprocess.errors import UserValueError
 
+INDEX_READERS = 16
+"""Shards whose small columns are read at once while indexing: 20,000 shards at ~0.1 s per object
+store request are half an hour one by one (``infra/README.md``), two minutes 16 at a time."""
 
-def rank_order(keys: list[str], rank: int, world: int) -> list[int]:
-    """Indices of this rank's rows: sorted by key, every ``world``-th from ``rank``."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)[rank::world]
-    if not order:
-        raise ValueError(f"rank {rank} of {world} has no training rows")
-    return order
-
-
-def decode_rows(keys: list[str], images: list[bytes], rank: int, world: int) -> torch.Tensor:
-    """Sort by key, keep this rank's rows, decode to float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.stack([schema.decode_image(images[i]) for i in rank_order(keys, rank, world)]))
+Decode = Callable[[pa.Table], dict[str, torch.Tensor]]
+"""Rows of one shard (a table) → tensors whose first dimension is the row."""
 
 
-def token_rows(rows: dict[str, list], layout: list[schema.TokenColumn], null_class: int, rank: int, world: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of a ``tokens`` dataset → this rank's sequences (n, L) — the layout's columns
-    flattened and concatenated in order; int64 ids, or float32 latents — and labels (n,); a
-    missing label becomes the null class."""
-    order = rank_order(rows["key"], rank, world)
+@dataclass(frozen=True)
+class RankRows:
+    """Where this rank's rows live, in key order: row ``i`` is row ``row[i]`` of ``shards[shard[i]]``."""
+
+    shards: tuple[str, ...]
+    shard: np.ndarray  # (n,) int64
+    row: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+def rank_rows(uri: str, split: str | None, rank: int, world: int) -> RankRows:
+    """Index this rank's rows of a complete dataset (of one ``split``, or all): the rows sorted by
+    key, every ``world``-th from ``rank``; reads only the ``key`` and ``split`` columns."""
+    uris = schema.shard_uris(uri)
+    keys, shard, row = [], [], []
+    with ThreadPoolExecutor(INDEX_READERS) as pool:  # object stores: one request's latency each, overlapped
+        tables = pool.map(lambda u: schema.read_shard(u, ["key"] + (["split"] if split else [])), uris)
+    for s, t in enumerate(tables):
+        rows = np.arange(t.num_rows) if split is None else \
+            np.flatnonzero(np.asarray(t.column("split").to_pylist(), dtype=object) == split)
+        keys.append(np.asarray(t.column("key").to_pylist(), dtype=object)[rows])
+        shard.append(np.full(len(rows), s))
+        row.append(rows)
+    order = np.argsort(np.concatenate(keys or [np.empty(0, object)]), kind="stable")[rank::world]
+    if not len(order):
+        raise ValueError(f"rank {rank} of {world} has no {split or ''} rows in {uri}")
+    return RankRows(tuple(uris), np.concatenate(shard)[order], np.concatenate(row)[order])
+
+
+class ShardStream:
+    """This rank's rows of a dataset, read (``columns``) and decoded (``decode``) one shard at a
+    time; the decoded rows of the last ``keep`` shards are kept, so memory is a few shards'
+    worth whatever the dataset's size. ``batch(step, batch_size)`` is a pure function of
+    ``(seed, rank, step)``."""
+
+    def __init__(self, rows: RankRows, columns: list[str], decode: Decode, seed: int = 0, rank: int = 0,
+                 keep: int = 2) -> None:
+        self.rows, self.columns, self.decode, self.seed, self.rank, self.keep = rows, columns, decode, seed, rank, keep
+        by_shard = np.argsort(rows.shard, kind="stable")  # rank rows grouped by shard, ascending within each
+        present, starts = np.unique(rows.shard[by_shard], return_index=True)
+        self.members = dict(zip(present.tolist(), np.split(by_shard, starts[1:])))  # shard -> its rank rows
+        self._decoded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.shards_read = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def rows_held(self) -> int:
+        """Decoded rows in memory now."""
+        return sum(len(next(iter(d.values()))) for d in self._decoded.values())
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's row indices in the order epoch ``epoch`` visits them: shards in a seeded
+        random order, and the rows of each shard in a seeded random order."""
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(hash((self.seed, self.rank, epoch)) & 0x7FFFFFFF)
+            shards = list(self.members)
+            self._orders[epoch] = np.concatenate([
+                self.members[shards[i]][torch.randperm(len(self.members[shards[i]]), generator=g).numpy()]
+                for i in torch.randperm(len(shards), generator=g).tolist()])
+            while len(self._orders) > 2:  # a batch spans at most two epochs
+                self._orders.popitem(last=False)
+        return self._orders[epoch]
+
+    def indices(self, step: int, batch_size: int) -> np.ndarray:
+        """Row indices of step ``step``'s batch: consecutive slices of the epochs' orders."""
+        n, start = len(self), step * batch_size
+        out: list[np.ndarray] = []
+        taken = 0
+        while taken < batch_size:
+            epoch, offset = divmod(start + taken, n)
+            out.append(self.epoch_order(epoch)[offset: offset + batch_size - taken])
+            taken += len(out[-1])
+        return np.concatenate(out)
+
+    def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.take(self.indices(step, batch_size))
+
+    def take(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The decoded rows ``idx`` (this rank's row indices), in that order."""
+        parts, positions = [], []
+        for s in dict.fromkeys(self.rows.shard[idx].tolist()):  # shards in order of first use
+            at = np.flatnonzero(self.rows.shard[idx] == s)
+            local = np.searchsorted(self.members[s], idx[at])  # position among the shard's rank rows
+            decoded = self._shard(s)
+            parts.append({k: v[torch.from_numpy(local)] for k, v in decoded.items()})
+            positions.append(at)
+        back = torch.from_numpy(np.argsort(np.concatenate(positions)))  # back to the order of idx
+        return {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
+
+    def _shard(self, s: int) -> dict[str, torch.Tensor]:
+        """The decoded rank rows of shard ``s`` (in the order of ``members[s]``), read at most
+        once while kept."""
+        if s in self._decoded:
+            self._decoded.move_to_end(s)
+        else:
+            t = schema.read_shard(self.rows.shards[s], self.columns).take(pa.array(self.rows.row[self.members[s]]))
+            self._decoded[s] = self.decode(t)
+            self.shards_read += 1
+            while len(self._decoded) > self.keep:
+                self._decoded.popitem(last=False)
+        return self._decoded[s]
+
+
+def decode_images(t: pa.Table) -> dict[str, torch.Tensor]:
+    """An ``images`` table → ``image`` float (n, 3, H, W) in [0, 1]."""
+    return {"image": torch.from_numpy(np.stack([schema.decode_image(b) for b in t.column("image").to_pylist()]))}
+
+
+def decode_tokens(t: pa.Table, layout: list[schema.TokenColumn], null_class: int) -> dict[str, torch.Tensor]:
+    """A ``tokens`` table → ``tokens`` (n, L): the layout's columns flattened and concatenated in
+    order, int64 ids or float32 latents; and ``label`` (n,), a missing label becoming the null class."""
     dtype = np.int64 if all(c.dtype == "int32" for c in layout) else np.float32
-    seqs = np.stack([np.concatenate([np.asarray(rows[c.name][i]).ravel() for c in layout])
-                     for i in order]).astype(dtype)  # (n, L)
-    labels = [rows["label"][i] for i in order]
-    labels = [null_class if lab is None or lab != lab or lab < 0 else int(lab) for lab in labels]
-    return torch.from_numpy(seqs), torch.tensor(labels)
+    seqs = np.concatenate([schema.tensor_numpy(t.column(c.name)).reshape(t.num_rows, -1) for c in layout],
+                          axis=1).astype(dtype)  # (n, L)
+    labels = [null_class if lab is None or lab < 0 else lab for lab in t.column("label").to_pylist()]
+    return {"tokens": torch.from_numpy(seqs), "label": torch.tensor(labels, dtype=torch.int64)}
 
 
 def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1, limit: int | None = None) -> torch.Tensor:
     """Images of one split of a complete ``images`` dataset, for one rank (no Ray needed); the
-    first ``limit`` by key when given."""
-    t = schema.read_table(images_uri, ["key", "split", "image"])
-    mask = [s == split for s in t.column("split").to_pylist()]
-    t = t.filter(mask).sort_by("key").slice(0, limit)
-    return decode_rows(t.column("key").to_pylist(), t.column("image").to_pylist(), rank, world)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int) -> torch.Tensor:
-    """Indices of step ``step``'s batch: consecutive slices of per-epoch permutations of ``range(n)``."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        g = torch.Generator().manual_seed(hash((seed, rank, epoch)) & 0x7FFFFFFF)
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
+    first ``limit`` by key when given. Reads only the shards that hold them."""
+    stream = ShardStream(rank_rows(images_uri, split, rank, world), ["image"], decode_images, keep=1)
+    return stream.take(np.arange(min(limit or len(stream), len(stream))))["image"]
 
 
 def bases_from_decomposition(cols: dict[str, np.ndarray], order: int, k: int) -> np.ndarray:
@@ -103,14 +205,35 @@ def check_decomposition(images_uri: str, decomposition_uri: str, k: int) -> None
                              f"other images; re-run `c2f preprocess`")
 
 
+class Bases:
+    """B_1 … B_k by key from a ``decomposition`` dataset: the ``images`` ⋈ ``decomposition`` join.
+    Indexes the keys once (the ``key`` column of every shard), then reads only the shards that
+    hold the asked keys, one at a time, keeping the asked rows: memory is one shard's worth."""
+
+    def __init__(self, decomposition_uri: str, k: int) -> None:
+        self.uri, self.k = decomposition_uri, k
+        self.order, self.columns = decomposition_columns(decomposition_uri)
+        self.shards = schema.shard_uris(decomposition_uri)
+        self.where = {key: (s, r) for s, u in enumerate(self.shards)
+                      for r, key in enumerate(schema.read_shard(u, ["key"]).column("key").to_pylist())}
+
+    def __call__(self, keys: list[str]) -> torch.Tensor:
+        """(N, k, 3, H, W) float32, in the order of ``keys``."""
+        if missing := [key for key in keys if key not in self.where]:
+            raise UserValueError(f"decomposition dataset {self.uri} has no row for {len(missing)} of "
+                                 f"{len(keys)} images (e.g. key {missing[0][:12]}…): re-run `c2f preprocess`")
+        by_shard: dict[int, list[int]] = {}  # shard -> positions in keys
+        for i, key in enumerate(keys):
+            by_shard.setdefault(self.where[key][0], []).append(i)
+        parts, positions = [], []
+        for s, at in by_shard.items():
+            t = schema.read_shard(self.shards[s], self.columns).take(pa.array([self.where[keys[i]][1] for i in at]))
+            parts.append(bases_from_decomposition({c: schema.tensor_numpy(t.column(c)) for c in self.columns},
+                                                  self.order, self.k))
+            positions.extend(at)
+        return torch.from_numpy(np.concatenate(parts)[np.argsort(positions)])
+
+
 def load_bases(decomposition_uri: str, keys: list[str], k: int) -> torch.Tensor:
-    """B_1 … B_k of the images ``keys`` (in that order), (N, k, 3, H, W): the ``images`` ⋈
-    ``decomposition`` join by key."""
-    order, columns = decomposition_columns(decomposition_uri)
-    t = schema.read_table(decomposition_uri, ["key"] + columns)
-    row = {key: i for i, key in enumerate(t.column("key").to_pylist())}
-    if missing := [key for key in keys if key not in row]:
-        raise UserValueError(f"decomposition dataset {decomposition_uri} has no row for {len(missing)} of "
-                             f"{len(keys)} images (e.g. key {missing[0][:12]}…): re-run `c2f preprocess`")
-    t = t.take([row[key] for key in keys])
-    return torch.from_numpy(bases_from_decomposition({c: schema.tensor_numpy(t.column(c)) for c in columns}, order, k))
+    """B_1 … B_k of the images ``keys`` (in that order), (N, k, 3, H, W)."""
+    return Bases(decomposition_uri, k)(keys)

@@ -95,16 +95,6 @@ class _Progress(threading.Thread):
                 seen, last_t = p["step"], time.monotonic()
 
 
-def _read_rows(task: Task) -> dict[str, list]:
-    import ray.train
-
-    rows: dict[str, list] = {c: [] for c in task.columns}
-    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
-        for c in task.columns:
-            rows[c].extend(list(batch[c]))
-    return rows
-
-
 def _trainables(task: Task, tcfg: OptimConfig, device: torch.device) -> tuple[dict[str, Any], dict[str, tuple]]:
     """The model, AdamW and schedule, and the extra modules with their optimisers, all on ``device``
     and prepared for DDP; returned as the checkpoint's ``stateful`` dict and the task's ``extras``."""
@@ -151,8 +141,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device, end_step = _worker_device(tcfg)
     load_to = "cpu" if device.type == "xla" else device  # torch.load cannot map to XLA; load_state_dict copies
-    n = task.load(_read_rows(task), rank, world)
-    if tcfg.torch_threads:  # after reading: Ray Data's read tasks run on the CPUs Ray did not hand to us
+    stream = data.ShardStream(data.rank_rows(cfg["dataset_uri"], "train", rank, world), task.columns, task.decode,
+                              tcfg.seed, rank)
+    if tcfg.torch_threads:
         torch.set_num_threads(tcfg.torch_threads)
     kernels.force_reference(tcfg.kernels == "reference")
     stateful, extras = _trainables(task, tcfg, device)
@@ -176,19 +167,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     stop = min(tcfg.max_steps, cfg.get("stop_after") or tcfg.max_steps)
     tick = time.perf_counter()
     for step in range(start, stop):
-        idx = data.batch_indices(step, n, tcfg.batch_size, tcfg.seed, rank)
+        batch = stream.batch(step, tcfg.batch_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            metrics = task.train_step(model, optimizer, scheduler, extras, idx, step, device)
+            metrics = task.train_step(model, optimizer, scheduler, extras, batch, step, device)
         end_step()
         metrics = to_floats(metrics)  # after the step ran: one host copy
         done = step + 1
         if rank == 0 and (done % tcfg.log_every == 0 or done == stop or step == start):
             if logger and step not in logged:
-                logger.log_metrics(metrics | ({"rows_per_worker": n} if step == start else {}), step)
+                logger.log_metrics(metrics | ({"rows_per_worker": len(stream)} if step == start else {}), step)
             rate = tcfg.batch_size * world * (done - start) / max(time.perf_counter() - tick, 1e-9)
             write_progress(cfg["run_uri"], done, tcfg.max_steps, metrics["loss"], rate)
         if logger and (done % tcfg.sample_every == 0 or done == stop):
-            images, name, labels = task.preview(unwrap(model), idx, device)
+            images, name, labels = task.preview(unwrap(model), batch, device)
             logger.log_images(images, name, step, labels)
         if done % tcfg.checkpoint_every == 0 or done == stop:
             with tempfile.TemporaryDirectory() as tmp:
@@ -208,11 +199,12 @@ def fit(
     ray_cfg: RayConfig | None = None,
     logger: MetricsLogger | None = None,
     stop_after: int | None = None,
-    row_filter: str | None = None,
     init_checkpoint: str | None = None,
     continue_from: str | None = None,
 ) -> FitResult:
-    """Train (or resume) ``task`` on a dataset's rows (``row_filter``: a Ray Data expression).
+    """Train (or resume) ``task`` on the ``train`` split of a dataset, which every worker streams
+    itself (``train.data``: its rows, one shard at a time; so the workers, like Ray Data's read
+    tasks, need the dataset's storage credentials).
     A new run starts from the weights in ``init_checkpoint`` when given (a warm start), or from the
     whole state in ``continue_from`` (a shorter run of the same spec: weights, optimisers, schedule
     position, RNG and step; the schedule itself is this run's, so it stretches to ``max_steps``).
@@ -221,22 +213,17 @@ def fit(
     call with the same ``run_name`` resumes), e.g. to fit a run into preemptible time slots.
     """
     import ray
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(ray_cfg or RayConfig())
     storage_fs, storage_path = ray_storage(checkpoints_root)
-    data_fs, _ = ray_storage(dataset_uri)
-    shards = [u if data_fs is None else schema.url_to_fs(u)[1] for u in schema.shard_uris(dataset_uri)]
-    columns = list(dict.fromkeys(task.columns + (["split"] if row_filter and "split" in row_filter else [])))
-    ds = ray.data.read_parquet(shards, columns=columns, filesystem=data_fs)
-    if row_filter:
-        ds = ds.filter(expr=row_filter)
+    schema.shard_uris(dataset_uri)  # an incomplete dataset fails here, in one line, not in every worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": train, "logger": logger, "stop_after": stop_after,
                            "init_checkpoint": init_checkpoint, "continue_from": continue_from,
+                           "dataset_uri": dataset_uri,
                            "run_uri": schema.join(checkpoints_root, run_name)},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -244,8 +231,6 @@ def fit(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every rank sees all rows, shards by key
     )
     progress = _Progress(schema.join(checkpoints_root, run_name), f"{task.method.kind} {task.method.name}")
     progress.start()
@@ -294,7 +279,7 @@ def fit_tokenizer(images_uri: str, tokenizer: TokenizerConfig, resolution: int, 
     task = TokenizerTask(method, method.model_config(tokenizer.params(), resolution), tokenizer.train, perceptual,
                          decomposition_uri)
     return fit(task, images_uri, tokenizer.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
-               "split == 'train'", init_checkpoint, continue_from)
+               init_checkpoint, continue_from)
 
 
 def fit_generator(tokens_uri: str, task: GeneratorTask, checkpoints_root: str, run_name: str,
@@ -304,11 +289,11 @@ def fit_generator(tokens_uri: str, task: GeneratorTask, checkpoints_root: str, r
     """Train (or resume) a generator task on the ``train`` split of a ``tokens`` dataset (validation
     images stay unseen, so upsampling/editing are evaluated on images the generator never trained on)."""
     return fit(task, tokens_uri, task.train, checkpoints_root, run_name, ray_cfg, logger, stop_after,
-               "split == 'train'", init_checkpoint, continue_from)
+               init_checkpoint, continue_from)
 
 
 def ray_storage(root: str):
-    """A URI for Ray (Train storage, Data reads): a local absolute path, or (gs://, memory://…)
+    """A URI for Ray Train's storage: a local absolute path, or (gs://, memory://…)
     the fsspec filesystem wrapped for pyarrow and the in-filesystem path, so the same
     credentials/emulator settings apply as for the datasets."""
     if "://" not in root or root.startswith("file://"):

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from coarse2fine.preprocess.schema import TokenColumn
@@ -25,23 +26,25 @@ class Task(Protocol):
     """What the generic Ray Train loop needs from one kind of model (tokenizer, generator)."""
 
     method: TokenizerMethod | GeneratorMethod
-    columns: list[str]  # dataset columns every worker reads
+    columns: list[str]  # dataset columns a worker reads from each shard of its rows
     model_cfg: Any  # a dataclass, saved in the checkpoint as ``model_config``
     betas: tuple[float, float]
 
-    def load(self, rows: dict[str, list], rank: int, world: int) -> int:
-        """Keep this rank's rows (decoded, in memory); return how many."""
+    def decode(self, rows: pa.Table) -> dict[str, torch.Tensor]:
+        """Rows of one shard (``columns``) → the tensors a step takes, first dimension the row."""
 
     def build(self) -> torch.nn.Module: ...
 
     def extras(self) -> dict[str, tuple[torch.nn.Module, float]]:
         """Further trained modules with their own AdamW and learning rate (the discriminator), by name."""
 
-    def train_step(self, model, optimizer, scheduler, extras: dict, idx: torch.Tensor, step: int,
+    def train_step(self, model, optimizer, scheduler, extras: dict, batch: dict[str, torch.Tensor], step: int,
                    device: torch.device) -> dict[str, float]: ...
 
-    def preview(self, model, idx: torch.Tensor, device: torch.device) -> tuple[np.ndarray, str, list[str]]:
-        """Images (N, 3, H, W) in [0, 1] for the logger, their grid's name and its row labels."""
+    def preview(self, model, batch: dict[str, torch.Tensor], device: torch.device
+                ) -> tuple[np.ndarray, str, list[str]]:
+        """Images (N, 3, H, W) in [0, 1] of a batch's first rows for the logger, their grid's name
+        and its row labels."""
 
 
 class TokenizerTask:
@@ -59,19 +62,19 @@ class TokenizerTask:
         self.factors = method.factors(model_cfg)
         assert not self.factors or decomposition_uri, f"{method.name} reads the decomposition dataset"
         self.decomposition_uri = decomposition_uri
+        self._bases = None  # the decomposition join (data.Bases), indexed on the worker at the first shard
         self.groups = usage_groups(method.layout(model_cfg))
         self.weights = LossWeights(perceptual=train.perceptual_weight, adversarial=train.adversarial_weight,
                                    adversarial_start=int(train.adversarial_start * train.max_steps),
                                    adaptive=train.adaptive_weight, lecam=train.lecam_weight)
 
-    def load(self, rows, rank, world):
-        self.images = data.decode_rows(rows["key"], rows["image"], rank, world)
-        keys = [rows["key"][i] for i in data.rank_order(rows["key"], rank, world)]
-        self.bases = data.load_bases(self.decomposition_uri, keys, self.factors) if self.factors else None
-        return len(self.images)
-
-    def _bases(self, idx, device):
-        return None if self.bases is None else self.bases[idx].to(device)
+    def decode(self, rows):
+        out = data.decode_images(rows)
+        if self.factors:
+            if self._bases is None:
+                self._bases = data.Bases(self.decomposition_uri, self.factors)
+            out["bases"] = self._bases(rows.column("key").to_pylist())
+        return out
 
     def build(self):
         return self.method.build(self.model_cfg)
@@ -81,17 +84,18 @@ class TokenizerTask:
         disc = PatchDiscriminator(self.train.disc_channels, self.train.disc_layers)
         return {"disc": (disc, lr)} if self.train.adversarial_weight > 0 else {}
 
-    def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
+    def train_step(self, model, optimizer, scheduler, extras, batch, step, device):
         disc, disc_opt = extras.get("disc", (None, None))
         if self._distance is None and self.perceptual.kind != "off":
             self._distance = build_perceptual(self.perceptual).to(device)
-        return tokenizer_train_step(model, optimizer, scheduler, self.images[idx].to(device), self.weights,
-                                    self.train.clip_norm, step, disc, disc_opt, self.groups, self._bases(idx, device),
+        bases = batch["bases"].to(device) if self.factors else None
+        return tokenizer_train_step(model, optimizer, scheduler, batch["image"].to(device), self.weights,
+                                    self.train.clip_norm, step, disc, disc_opt, self.groups, bases,
                                     self._distance, self.method.last_layer(unwrap(model)))
 
-    def preview(self, model, idx, device):
-        x = self.images[idx[:PREVIEW]].to(device)
-        recon, _ = tokenizer_eval_step(model, x, self._bases(idx[:PREVIEW], device))
+    def preview(self, model, batch, device):
+        x = batch["image"][:PREVIEW].to(device)
+        recon, _ = tokenizer_eval_step(model, x, batch["bases"][:PREVIEW].to(device) if self.factors else None)
         return torch.cat([x, recon]).float().cpu().numpy(), "reconstructions", ["original", "reconstruction"]
 
 
@@ -106,9 +110,8 @@ class GeneratorTask:
         self.columns = ["key", "label"] + [c.name for c in layout]
         self._tokenizer = None  # loaded on the worker at first use (loss or preview), then kept
 
-    def load(self, rows, rank, world):
-        self.tokens, self.labels = data.token_rows(rows, self.layout, self.model_cfg.null_class, rank, world)
-        return len(self.tokens)
+    def decode(self, rows):
+        return data.decode_tokens(rows, self.layout, self.model_cfg.null_class)
 
     def tokenizer(self, device):
         """The frozen tokenizer, loaded on the worker at first use and kept."""
@@ -124,12 +127,12 @@ class GeneratorTask:
     def extras(self):
         return {}
 
-    def train_step(self, model, optimizer, scheduler, extras, idx, step, device):
-        return generator_train_step(model, optimizer, scheduler, self.tokens[idx].to(device),
-                                    self.labels[idx].to(device), partial(self.method.loss, tokenizer=self.tokenizer(device)),
+    def train_step(self, model, optimizer, scheduler, extras, batch, step, device):
+        return generator_train_step(model, optimizer, scheduler, batch["tokens"].to(device),
+                                    batch["label"].to(device), partial(self.method.loss, tokenizer=self.tokenizer(device)),
                                     self.train.clip_norm)
 
-    def preview(self, model, idx, device):
-        cond = self.labels[idx[:PREVIEW]].to(device)
+    def preview(self, model, batch, device):
+        cond = batch["label"][:PREVIEW].to(device)
         _, images = self.method.sample(unwrap(model), self.tokenizer(device), cond, SampleSettings(), self.train.seed)
         return images.float().cpu().numpy(), "samples", ["samples"]
