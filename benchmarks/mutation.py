@@ -5,7 +5,7 @@ the module's fast tests once per mutant; a mutant is killed when a test fails. T
 scratch clone: the editable install's finder is remapped to it for the test process (the same
 trick as running tests in a git worktree). Prints killed / completed per module as a Markdown table
 (record it in benchmarks/RESULTS.md with the machine); sessions resume where they stopped, as
-long as the module's code is unchanged (a changed module starts a new session).
+long as the module and its tests are unchanged (a change to either starts a new session).
 
     python benchmarks/mutation.py [--module train/kernels/haar.py ...] [--minutes 30]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import re
 import subprocess
 import sys
@@ -60,9 +61,11 @@ def prepare(work: Path) -> Path:
 
 def run_module(work: Path, src: Path, module: str, tests: str, minutes: float) -> tuple[int, int, int]:
     """(killed, completed, total mutants) of one module's session, after at most ``minutes``."""
-    # a session resumes only over the same code: its name carries the module's git blob id
-    blob = subprocess.run(["git", "-C", str(src), "rev-parse", f"HEAD:{module}"], capture_output=True, text=True,
-                          check=True).stdout.strip()[:10]
+    # a session resumes only over the same code and tests: its name carries their git blob ids
+    paths = [module] + [t for t in tests.split() if t.endswith(".py")]
+    blobs = subprocess.run(["git", "-C", str(src), "rev-parse", *(f"HEAD:{p}" for p in paths)], capture_output=True,
+                           text=True, check=True).stdout.split()
+    blob = hashlib.sha1(" ".join(blobs).encode()).hexdigest()[:10]
     name = module.replace("/", "_").removesuffix(".py")
     config, session = work / f"{name}.toml", work / f"{name}-{blob}.sqlite"
     config.write_text(
