@@ -18,7 +18,7 @@ not be exact.
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,7 +72,9 @@ class ShardStream:
     """This rank's rows of a dataset, read (``columns``) and decoded (``decode``) one shard at a
     time; the decoded rows of the last ``keep`` shards are kept, so memory is a few shards'
     worth whatever the dataset's size. ``batch(step, batch_size)`` is a pure function of
-    ``(seed, rank, step)``."""
+    ``(seed, rank, step)``; while the caller computes, a background thread reads and decodes
+    the next shard the coming steps need (one at a time, as a DataLoader's prefetching worker
+    would), so a GPU-bound step hides the decoding."""
 
     def __init__(self, rows: RankRows, columns: list[str], decode: Decode, seed: int = 0, rank: int = 0,
                  keep: int = 2) -> None:
@@ -82,6 +84,8 @@ class ShardStream:
         self.members = dict(zip(present.tolist(), np.split(by_shard, starts[1:])))  # shard -> its rank rows
         self._decoded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._prefetcher = ThreadPoolExecutor(1)
+        self._pending: dict[int, Future] = {}  # shard -> its decoded rows, being read in the background
         self.shards_read = 0
 
     def __len__(self) -> int:
@@ -89,8 +93,9 @@ class ShardStream:
 
     @property
     def rows_held(self) -> int:
-        """Decoded rows in memory now."""
-        return sum(len(next(iter(d.values()))) for d in self._decoded.values())
+        """Decoded rows in memory now (kept, and prefetched)."""
+        ready = [f.result() for f in self._pending.values() if f.done()]
+        return sum(len(next(iter(d.values()))) for d in [*self._decoded.values(), *ready])
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's row indices in the order epoch ``epoch`` visits them: shards in a seeded
@@ -106,18 +111,28 @@ class ShardStream:
         return self._orders[epoch]
 
     def indices(self, step: int, batch_size: int) -> np.ndarray:
-        """Row indices of step ``step``'s batch: consecutive slices of the epochs' orders."""
-        n, start = len(self), step * batch_size
+        """Row indices of step ``step``'s batch."""
+        return self._positions(step * batch_size, batch_size)
+
+    def _positions(self, start: int, count: int) -> np.ndarray:
+        """Row indices at positions ``start …`` of the endless sequence of epoch orders."""
         out: list[np.ndarray] = []
         taken = 0
-        while taken < batch_size:
-            epoch, offset = divmod(start + taken, n)
-            out.append(self.epoch_order(epoch)[offset: offset + batch_size - taken])
+        while taken < count:
+            epoch, offset = divmod(start + taken, len(self))
+            out.append(self.epoch_order(epoch)[offset: offset + count - taken])
             taken += len(out[-1])
         return np.concatenate(out)
 
     def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
-        return self.take(self.indices(step, batch_size))
+        out = self.take(self.indices(step, batch_size))
+        if not self._pending:  # one shard at a time: the first one the coming steps need and nobody holds
+            ahead = -(-max(map(len, self.members.values())) // batch_size) + 1  # steps that span the largest shard
+            coming = self._positions((step + 1) * batch_size, ahead * batch_size)  # the next `ahead` batches
+            s = next((s for s in dict.fromkeys(self.rows.shard[coming].tolist()) if s not in self._decoded), None)
+            if s is not None:
+                self._pending[s] = self._prefetcher.submit(self._read, s)
+        return out
 
     def take(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The decoded rows ``idx`` (this rank's row indices), in that order."""
@@ -137,12 +152,16 @@ class ShardStream:
         if s in self._decoded:
             self._decoded.move_to_end(s)
         else:
-            t = schema.read_shard(self.rows.shards[s], self.columns).take(pa.array(self.rows.row[self.members[s]]))
-            self._decoded[s] = self.decode(t)
+            pending = self._pending.pop(s, None)
+            self._decoded[s] = pending.result() if pending else self._read(s)
             self.shards_read += 1
             while len(self._decoded) > self.keep:
                 self._decoded.popitem(last=False)
         return self._decoded[s]
+
+    def _read(self, s: int) -> dict[str, torch.Tensor]:
+        t = schema.read_shard(self.rows.shards[s], self.columns).take(pa.array(self.rows.row[self.members[s]]))
+        return self.decode(t)
 
 
 def decode_images(t: pa.Table) -> dict[str, torch.Tensor]:
