@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_decomposition.py
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_arsit.py
+	$(BIN)/python benchmarks/bench_loader.py
 
 # Mutation testing of the core math modules (cosmic-ray; hours on 2 cores, not in CI): a score table.
 mutation: install

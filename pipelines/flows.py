@@ -148,9 +148,9 @@ def pairs_at_once(pairs: list[tuple[str, Config]]) -> int:
     (with ``use_gpu``; Ray reserves one CPU per worker), or ``num_workers × torch_threads`` CPUs
     (what CPU workers really use).
 
-    On a 2-core machine that is one pair at a time. Evaluations run one at a time whatever the
-    number (``_EVALUATING``); on a cluster they share the flow's machine with nothing but other
-    pairs' tasks that only wait for Ray."""
+    On a 2-core machine the demo (one worker of 2 threads) runs one pair at a time, a one-thread
+    config two. Evaluations run one at a time whatever the number (``_EVALUATING``); on a cluster
+    they share the flow's machine with nothing but other pairs' tasks that only wait for Ray."""
     from coarse2fine.train.launch import ensure_ray
 
     free = ensure_ray(pairs[0][1].ray)

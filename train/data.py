@@ -106,7 +106,7 @@ class ShardStream:
             self._orders[epoch] = np.concatenate([
                 self.members[shards[i]][torch.randperm(len(self.members[shards[i]]), generator=g).numpy()]
                 for i in torch.randperm(len(shards), generator=g).tolist()])
-            while len(self._orders) > 2:  # a batch spans at most two epochs
+            while len(self._orders) > 3:  # the epochs a batch and the look-ahead span (more are recomputed)
                 self._orders.popitem(last=False)
         return self._orders[epoch]
 
@@ -181,9 +181,9 @@ def decode_tokens(t: pa.Table, layout: list[schema.TokenColumn], null_class: int
 
 def load_split(images_uri: str, split: str, rank: int = 0, world: int = 1, limit: int | None = None) -> torch.Tensor:
     """Images of one split of a complete ``images`` dataset, for one rank (no Ray needed); the
-    first ``limit`` by key when given. Reads only the shards that hold them."""
+    rank's first ``limit`` by key when given. Reads only the shards that hold them."""
     stream = ShardStream(rank_rows(images_uri, split, rank, world), ["image"], decode_images, keep=1)
-    return stream.take(np.arange(min(limit or len(stream), len(stream))))["image"]
+    return stream.take(np.arange(len(stream) if limit is None else min(limit, len(stream))))["image"]
 
 
 def bases_from_decomposition(cols: dict[str, np.ndarray], order: int, k: int) -> np.ndarray:
@@ -233,8 +233,9 @@ class Bases:
         self.uri, self.k = decomposition_uri, k
         self.order, self.columns = decomposition_columns(decomposition_uri)
         self.shards = schema.shard_uris(decomposition_uri)
-        self.where = {key: (s, r) for s, u in enumerate(self.shards)
-                      for r, key in enumerate(schema.read_shard(u, ["key"]).column("key").to_pylist())}
+        with ThreadPoolExecutor(INDEX_READERS) as pool:
+            keys = pool.map(lambda u: schema.read_shard(u, ["key"]).column("key").to_pylist(), self.shards)
+        self.where = {key: (s, r) for s, shard_keys in enumerate(keys) for r, key in enumerate(shard_keys)}
 
     def __call__(self, keys: list[str]) -> torch.Tensor:
         """(N, k, 3, H, W) float32, in the order of ``keys``."""
