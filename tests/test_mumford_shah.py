@@ -75,14 +75,42 @@ def test_deterministic():
 def test_defaults_match_seed_and_give_sparse_edges():
     p = ATParams()
     assert (p.alpha, p.lambda_) == (10.0, 0.01)  # CART section 4
-    d = decompose(photo(64), 3)
+    assert (p.epsilon, p.max_outer, p.cg_maxiter) == (0.02, 10, 500)  # the module docstring's convention and budget
+    d = decompose(photo(64))
+    assert len(d.details) == 3  # the demo's order (CART: D_3, D_2, D_1)
     assert all(0.0 < f < 0.35 for f in d.edge_fraction), d.edge_fraction
     assert d.tv_reduction[0] > 0.2, d.tv_reduction
 
 
-def test_invalid_params_rejected():
+@pytest.mark.parametrize("bad", [{"alpha": 0}, {"alpha": -1}, {"lambda_": 0}, {"lambda_": -0.5}, {"epsilon": 0},
+                                 {"max_outer": 0}, {"cg_maxiter": 0}])
+def test_invalid_params_rejected_and_the_smallest_valid_ones_accepted(bad):
     with pytest.raises(ValueError):
-        ATParams(alpha=0)
+        ATParams(**bad)
+    ATParams(alpha=0.5, lambda_=1e-9, epsilon=1e-9, max_outer=1, cg_maxiter=1)
+    for shape in [(1, 3, 4, 4), (4, 4)]:  # a batch, a grey image without its channel axis
+        with pytest.raises(AssertionError, match="expected"):
+            ambrosio_tortorelli(np.zeros(shape))
+
+
+def test_alternation_stops_at_the_first_round_whose_change_is_below_tolerance():
+    """The stopping rule, against rounds run one budget at a time: stop after round k, the first
+    with ‖u_k − u_{k−1}‖ / ‖u_{k−1}‖ < outer_tol (u_0 = f), and count k rounds."""
+    f = step_image(16)
+    us = [f] + [ambrosio_tortorelli(f, ATParams(max_outer=k, outer_tol=0.0)).u for k in range(1, 9)]
+    change = [np.linalg.norm(us[k] - us[k - 1]) / np.linalg.norm(us[k - 1]) for k in range(1, 9)]
+    tol = float(np.sort(change)[3] * 1.001)  # a tolerance that the change crosses within the budget
+    want = 1 + next(k for k, c in enumerate(change) if c < tol)
+    r = ambrosio_tortorelli(f, ATParams(max_outer=8, outer_tol=tol))
+    assert r.outer_iterations == want < 8
+    np.testing.assert_array_equal(r.u, us[want])
+    assert len(r.energies) == want + 1
+
+
+def test_a_flat_image_has_no_edges_and_no_tv_reduction():
+    d = decompose(np.full((3, 8, 8), 0.4), 2)
+    assert d.tv_reduction == [0.0, 0.0] and d.edge_fraction == [0.0, 0.0]
+    np.testing.assert_allclose(d.base, 0.4, atol=1e-12)
 
 
 @settings(max_examples=10, deadline=None)
