@@ -82,6 +82,7 @@ class ShardStream:
         by_shard = np.argsort(rows.shard, kind="stable")  # rank rows grouped by shard, ascending within each
         present, starts = np.unique(rows.shard[by_shard], return_index=True)
         self.members = dict(zip(present.tolist(), np.split(by_shard, starts[1:])))  # shard -> its rank rows
+        self._largest = max(map(len, self.members.values()))  # rows of the largest shard, for the look-ahead
         self._decoded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
         self._prefetcher = ThreadPoolExecutor(1)
@@ -127,7 +128,7 @@ class ShardStream:
     def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
         out = self.take(self.indices(step, batch_size))
         if not self._pending:  # one shard at a time: the first one the coming steps need and nobody holds
-            ahead = -(-max(map(len, self.members.values())) // batch_size) + 1  # steps that span the largest shard
+            ahead = -(-self._largest // batch_size) + 1  # steps that span the largest shard
             coming = self._positions((step + 1) * batch_size, ahead * batch_size)  # the next `ahead` batches
             s = next((s for s in dict.fromkeys(self.rows.shard[coming].tolist()) if s not in self._decoded), None)
             if s is not None:
