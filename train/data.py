@@ -18,8 +18,8 @@ not be exact.
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,14 +49,19 @@ class RankRows:
         return len(self.shard)
 
 
+def _small_columns(uris: list[str], columns: list[str]) -> list[pa.Table]:
+    """``columns`` of every shard in ``uris``, ``INDEX_READERS`` shards at a time (object stores:
+    one request's latency each, overlapped)."""
+    with ThreadPoolExecutor(INDEX_READERS) as pool:
+        return list(pool.map(lambda u: schema.read_shard(u, columns), uris))
+
+
 def rank_rows(uri: str, split: str | None, rank: int, world: int) -> RankRows:
     """Index this rank's rows of a complete dataset (of one ``split``, or all): the rows sorted by
     key, every ``world``-th from ``rank``; reads only the ``key`` and ``split`` columns."""
     uris = schema.shard_uris(uri)
     keys, shard, row = [], [], []
-    with ThreadPoolExecutor(INDEX_READERS) as pool:  # object stores: one request's latency each, overlapped
-        tables = pool.map(lambda u: schema.read_shard(u, ["key"] + (["split"] if split else [])), uris)
-    for s, t in enumerate(tables):
+    for s, t in enumerate(_small_columns(uris, ["key"] + (["split"] if split else []))):
         rows = np.arange(t.num_rows) if split is None else \
             np.flatnonzero(np.asarray(t.column("split").to_pylist(), dtype=object) == split)
         keys.append(np.asarray(t.column("key").to_pylist(), dtype=object)[rows])
@@ -138,8 +143,9 @@ class ShardStream:
     def take(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The decoded rows ``idx`` (this rank's row indices), in that order."""
         parts, positions = [], []
-        for s in dict.fromkeys(self.rows.shard[idx].tolist()):  # shards in order of first use
-            at = np.flatnonzero(self.rows.shard[idx] == s)
+        shard_of = self.rows.shard[idx]
+        for s in dict.fromkeys(shard_of.tolist()):  # shards in order of first use
+            at = np.flatnonzero(shard_of == s)
             local = np.searchsorted(self.members[s], idx[at])  # position among the shard's rank rows
             decoded = self._shard(s)
             parts.append({k: v[torch.from_numpy(local)] for k, v in decoded.items()})
@@ -234,9 +240,8 @@ class Bases:
         self.uri, self.k = decomposition_uri, k
         self.order, self.columns = decomposition_columns(decomposition_uri)
         self.shards = schema.shard_uris(decomposition_uri)
-        with ThreadPoolExecutor(INDEX_READERS) as pool:
-            keys = pool.map(lambda u: schema.read_shard(u, ["key"]).column("key").to_pylist(), self.shards)
-        self.where = {key: (s, r) for s, shard_keys in enumerate(keys) for r, key in enumerate(shard_keys)}
+        self.where = {key: (s, r) for s, t in enumerate(_small_columns(self.shards, ["key"]))
+                      for r, key in enumerate(t.column("key").to_pylist())}
 
     def __call__(self, keys: list[str]) -> torch.Tensor:
         """(N, k, 3, H, W) float32, in the order of ``keys``."""
