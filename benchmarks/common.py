@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from coarse2fine.pipelines.config import Config, load_config
 from coarse2fine.preprocess.demo_data import write_demo_folder
-from coarse2fine.preprocess.storage import url_to_fs
+from coarse2fine.preprocess.schema import url_to_fs
 
 CONFIG = "configs/demo.yaml"
 DEMO_IMAGES = 200  # the `make demo` data

@@ -35,7 +35,6 @@ def main() -> None:
     base = [f"tracking.experiment={args.experiment}", f"tokenizer.train.max_steps={args.steps}",
             f"generator.train.max_steps={args.gen_steps}", f"generator.mar.size={args.gen_size}",
             f"generator.far.size={args.gen_size}"]
-    cfg = demo_config(base)
     recon, kl_run = [], None
     for name, overrides in TOKENIZERS.items():
         cfg = demo_config(base + overrides)
@@ -43,7 +42,7 @@ def main() -> None:
         ref = stages.train_tokenizer(cfg)
         seconds = time.perf_counter() - t
         recon.append((name, stages.evaluate_tokenizer(cfg, ref.run_id)[0], seconds, ref.run_id))
-        if overrides == ["tokenizer.method=kl"]:
+        if cfg.tokenizer.method == "kl":  # the continuous tokenizer: the generators' latents
             kl_run, kl_cfg = ref.run_id, cfg
     tokens = stages.tokenize(kl_cfg, kl_run).uris["tokens"]
     gens = []

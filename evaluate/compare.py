@@ -15,7 +15,7 @@ import pandas as pd
 from coarse2fine.evaluate import tracking
 from coarse2fine.evaluate.tracking import MACHINE_TAG, PERCEPTUAL_KIND_TAG, PROTOCOL_TAG, TRAIN_TIME_METRIC
 from coarse2fine.evaluate.config import TrackingConfig
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import schema, storage
 from coarse2fine.preprocess.errors import UserKeyError, UserValueError
 
 COMPARISON_TAG = "c2f.kind"
@@ -234,14 +234,14 @@ def compare_methods(tracking_cfg: TrackingConfig, generator_runs: list[str], out
     markdown = to_markdown(table.drop(columns=["machine", "tokenizer_run", "generator_run"])) + "\n\n" + _footnote(table)
     # what is compared, cell by cell (a re-evaluation under the same protocol changes it)
     fp = storage.fingerprint("comparison", {}, [table.to_csv(index=False)], storage.code_version(sys.modules[__name__]))
-    uri = storage.join(out_root, fp)
-    files = [storage.join(uri, name) for name in ("methods.md", "methods.csv", "fid_vs_speed.png", "psnr_vs_tokens.png")]
+    uri = schema.join(out_root, fp)
+    files = [schema.join(uri, name) for name in ("methods.md", "methods.csv", "fid_vs_speed.png", "psnr_vs_tokens.png")]
     tracking.configure(tracking_cfg)
     done = mlflow.search_runs(experiment_names=[tracking_cfg.experiment], output_format="list", max_results=1,
                               filter_string=f"tags.`{COMPARISON_FP_TAG}` = '{fp}'")
-    if done and all(storage.url_to_fs(f)[0].exists(storage.url_to_fs(f)[1]) for f in files):
+    if done and all(schema.url_to_fs(f)[0].exists(schema.url_to_fs(f)[1]) for f in files):
         return MethodComparison(table, markdown, files, done[0].info.run_id, True)
-    fs, path = storage.url_to_fs(uri)
+    fs, path = schema.url_to_fs(uri)
     fs.makedirs(path, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp)

@@ -226,7 +226,7 @@ def inspect(
     """Print a dataset's schema, row count and manifest; render one row as a picture with --png
     (a tokens row: its image, id maps or latents, and its decoding by the tokenizer checkpoint)."""
     from coarse2fine.pipelines import apps
-    from coarse2fine.preprocess import inspection, storage
+    from coarse2fine.preprocess import inspection, schema
 
     info = inspection.describe(uri)
     m = info["manifest"]
@@ -235,7 +235,7 @@ def inspect(
     out.print("manifest:")
     out.print_json(json.dumps({k: v for k, v in m.items() if k != "shards"} | {"shards": len(m["shards"])}, default=str))
     if head:
-        keys = storage.read_shard(storage.shard_uris(uri)[0], ["key"] if "key" in info["schema"].names else None)
+        keys = schema.read_shard(schema.shard_uris(uri)[0], ["key"] if "key" in info["schema"].names else None)
         if "key" in keys.column_names:
             out.print("first keys: " + ", ".join(k[:16] for k in keys.column("key").to_pylist()[:head]))
     if png and not key:
@@ -283,14 +283,14 @@ def compare(
     """Table and plot of an experiment's runs, or with --methods the method table (Markdown, CSV and
     two plots under storage.root/comparison/); both are logged to MLflow as a comparison run."""
     from coarse2fine.evaluate import compare as cmp
-    from coarse2fine.preprocess import storage
+    from coarse2fine.preprocess import schema
 
     tracking_cfg = load_section(config, set_, "tracking")
     experiment = experiment or tracking_cfg.experiment
     if methods:
         runs = cmp.latest_method_runs(tracking_cfg, experiment)
         res = cmp.compare_methods(tracking_cfg.model_copy(update={"experiment": experiment}), runs,
-                                  storage.join(load_section(config, set_, "storage").root, "comparison"))
+                                  schema.join(load_section(config, set_, "storage").root, "comparison"))
         out.print(res.markdown, soft_wrap=True)
         out.print(f"files: {', '.join(res.files)}   logged as MLflow run {res.run_id}", soft_wrap=True)
         return

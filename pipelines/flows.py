@@ -31,7 +31,7 @@ from coarse2fine.evaluate import compare, tracking
 from coarse2fine.pipelines import runs, stages
 from coarse2fine.pipelines.config import Config, load_config
 from coarse2fine.pipelines.runs import RunRef
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import schema
 
 RETRIES = 2
 RETRY_DELAY_S = 10
@@ -69,7 +69,7 @@ def _task(name: str, **options):
 def demo_data_task(cfg: Config, n: int) -> str:
     """Write ``n`` demo photographs to ``data.source`` when it is missing or empty (embedded default)."""
     from coarse2fine.preprocess.demo_data import write_demo_folder
-    from coarse2fine.preprocess.storage import url_to_fs
+    from coarse2fine.preprocess.schema import url_to_fs
 
     fs, path = url_to_fs(cfg.data.source)
     if fs.exists(path) and fs.ls(path):
@@ -136,7 +136,7 @@ def evaluate_task(cfg: Config, run: RunRef) -> dict[str, Any]:
 @_task("compare")
 def compare_task(cfg: Config, generator_runs: dict[str, str]) -> dict[str, Any]:
     """The side-by-side table of the pairs that finished (``pair -> generator run``)."""
-    res = compare.compare_methods(cfg.tracking, list(generator_runs.values()), storage.join(cfg.storage.root, "comparison"))
+    res = compare.compare_methods(cfg.tracking, list(generator_runs.values()), schema.join(cfg.storage.root, "comparison"))
     get_run_logger().info("comparison: %s MLflow run %s\n%s", "reused" if res.reused else "logged", res.run_id,
                           res.markdown, extra=SUMMARY)
     return {"run_id": res.run_id, "markdown": res.markdown, "files": res.files, "reused": res.reused}

@@ -66,7 +66,7 @@ def train_tokenizer(cfg: Config, stop_after: int | None = None, warm_start: bool
     return runs.tracked_fit(
         cfg.tracking, cfg.model_dump(mode="json"), "tokenizer", cfg.tokenizer.method, spec, code, data_fp, tags,
         cfg.tokenizer.train.max_steps, warm_start, lambda logger, run_name, init, cont: fit_tokenizer(
-            images_uri, cfg.tokenizer, cfg.data.resolution, storage.join(cfg.storage.root, "checkpoints"), run_name,
+            images_uri, cfg.tokenizer, cfg.data.resolution, schema.join(cfg.storage.root, "checkpoints"), run_name,
             cfg.ray, logger, stop_after, init, decomposition_uri, perceptual, cont))
 
 
@@ -142,7 +142,7 @@ def train_generator(cfg: Config, stop_after: int | None = None, warm_start: bool
         cfg.tracking, cfg.model_dump(mode="json"), "generator", method.name, spec,
         storage.code_version(*method.code_modules()), manifest["fingerprint"], tags, cfg.generator.train.max_steps,
         warm_start, lambda logger, run_name, init, cont: fit_generator(
-            tokens_uri, task, storage.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray, logger, stop_after,
+            tokens_uri, task, schema.join(cfg.storage.root, "checkpoints"), run_name, cfg.ray, logger, stop_after,
             init, cont))
 
 

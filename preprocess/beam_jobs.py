@@ -27,7 +27,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from coarse2fine.preprocess import beam_worker, carry_over, dwt, images, mumford_shah, schema, sources, storage
+from coarse2fine.preprocess import (beam_worker, carry_over, commit_protocol, dwt, images, mumford_shah, schema, sources,
+                                    storage)
 from coarse2fine.preprocess.errors import UserValueError
 from coarse2fine.preprocess.config import (
     DataConfig,
@@ -127,7 +128,7 @@ class _WriteShards(beam.PTransform):
         )
 
 
-def _manifest_fields(attempt: storage.Attempt, table_schema, carried: list[dict], classes: list[str] | None,
+def _manifest_fields(attempt: commit_protocol.Attempt, table_schema, carried: list[dict], classes: list[str] | None,
                      **manifest) -> dict:
     """:func:`storage.write_manifest`'s fields for an attempt: the shards the run wrote plus any
     ``carried`` over (an empty shard if none, so empty datasets stay readable), and what makes the
@@ -211,30 +212,32 @@ def ingest(data: DataConfig, pre: PreprocessConfig, store: StorageConfig) -> Sta
     fp = storage.fingerprint("ingest", config, [], code)
     images_uri = storage.dataset_uri(store.root, "images", fp)
     rejected_uri = storage.dataset_uri(store.root, "rejected", fp)
-    done = storage.read_manifest(images_uri)
-    if done is not None and storage.read_manifest(rejected_uri) is not None:
+    done = schema.read_manifest(images_uri)
+    if done is not None and schema.read_manifest(rejected_uri) is not None:
         log.info("ingest: reusing complete dataset %s", images_uri)
         for uri in (images_uri, rejected_uri):
-            storage.sweep(uri)
+            commit_protocol.sweep(uri)
         return _reused_ingest(images_uri, rejected_uri)
     run_id = storage.new_run_id()
-    attempts = {"images": storage.begin(images_uri, run_id), "rejected": storage.begin(rejected_uri, run_id)}
+    attempts = {"images": commit_protocol.begin(images_uri, run_id),
+                "rejected": commit_protocol.begin(rejected_uri, run_id)}
     try:
         return _ingest_into(attempts, data, pre, store, listing, config, code, fp, t0)
     except Exception:
         for a in attempts.values():
-            storage.discard(a)
+            commit_protocol.discard(a)
         raise
 
 
 def _reused_ingest(images_uri: str, rejected_uri: str) -> StageResult:
-    done = storage.read_manifest(images_uri)
+    done = schema.read_manifest(images_uri)
     return StageResult("ingest", {"images": images_uri, "rejected": rejected_uri},
                        {"images": done["rows"], "rejected": done["counts"]["rejected"]}, True, counts=done["counts"])
 
 
-def _ingest_into(attempts: dict[str, storage.Attempt], data: DataConfig, pre: PreprocessConfig, store: StorageConfig,
-                 listing: sources.SourceListing, config: dict, code: str, fp: str, t0: float) -> StageResult:
+def _ingest_into(attempts: dict[str, commit_protocol.Attempt], data: DataConfig, pre: PreprocessConfig,
+                 store: StorageConfig, listing: sources.SourceListing, config: dict, code: str, fp: str,
+                 t0: float) -> StageResult:
     """The Beam job and the commit of :func:`ingest`, writing into the run's ``attempts``."""
     images_uri, rejected_uri = attempts["images"].uri, attempts["rejected"].uri
     run_id = attempts["images"].run_id
@@ -296,7 +299,7 @@ def _ingest_into(attempts: dict[str, storage.Attempt], data: DataConfig, pre: Pr
     meta = dict(stage="ingest", fp=fp, config=config, inputs=inputs, code=code, counts=counts)
     parts = [(attempts[name], _manifest_fields(attempts[name], table_schema, carried[name], listing.classes, **meta))
              for name, table_schema in (("rejected", schema.REJECTED), ("images", schema.IMAGES))]
-    if not storage.commit(parts):
+    if not commit_protocol.commit(parts):
         log.info("ingest: another run completed %s first; reusing it", images_uri)
         return _reused_ingest(images_uri, rejected_uri)
     log.info("ingest: %s", counts)
@@ -310,7 +313,7 @@ def _ingest_into(attempts: dict[str, storage.Attempt], data: DataConfig, pre: Pr
 
 def _image_rows(shard_uri: str) -> Iterator[tuple[str, dict]]:
     """``(key, {"image": png, "label": label, "split": split})`` for every row of an images shard."""
-    table = storage.read_shard(shard_uri, ["key", "image", "label", "split"])
+    table = schema.read_shard(shard_uri, ["key", "image", "label", "split"])
     for key, png, label, split in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label", "split"))):
         yield key, {"image": png, "label": label, "split": split}
 
@@ -318,7 +321,7 @@ def _image_rows(shard_uri: str) -> Iterator[tuple[str, dict]]:
 def _decomposition_rows(shard_uri: str, columns: list[str]) -> Iterator[tuple[str, dict]]:
     """``(key, {"order": n, column: float32 bytes, …})`` for every row of a decomposition shard
     (bytes, not arrays, travel between transforms; each array is (3, H, W))."""
-    table = storage.read_shard(shard_uri, ["key", "order"] + columns)
+    table = schema.read_shard(shard_uri, ["key", "order"] + columns)
     arrays = {c: schema.tensor_numpy(table.column(c)).astype(np.float32) for c in columns}
     for i, (key, order) in enumerate(zip(table.column("key").to_pylist(), table.column("order").to_pylist())):
         yield key, {"order": order} | {c: a[i].tobytes() for c, a in arrays.items()}
@@ -350,46 +353,46 @@ def run_image_stage(
     ``join = (decomposition_uri, columns)`` adds each image's ``decomposition`` row (those columns
     as float32 bytes, and its ``order``), joined by key in the Beam graph (CoGroupByKey)."""
     t0 = time.perf_counter()
-    src = storage.read_manifest(images_uri)
+    src = schema.read_manifest(images_uri)
     if src is None:
-        raise storage.IncompleteDatasetError(f"{images_uri} is incomplete: run ingest first")
-    joined = [storage.read_manifest(join[0])["fingerprint"]] if join else []
+        raise schema.IncompleteDatasetError(f"{images_uri} is incomplete: run ingest first")
+    joined = [schema.read_manifest(join[0])["fingerprint"]] if join else []
     fp = storage.fingerprint(stage, config, [src["fingerprint"]] + joined, code)
     uri = storage.dataset_uri(store.root, stage, fp)
-    done = storage.read_manifest(uri)
+    done = schema.read_manifest(uri)
     if done is not None:
         log.info("%s: reusing complete dataset %s", stage, uri)
-        storage.sweep(uri)
+        commit_protocol.sweep(uri)
         return StageResult(stage, {stage: uri}, {stage: done["rows"]}, True)
-    attempt = storage.begin(uri, storage.new_run_id())
+    attempt = commit_protocol.begin(uri, storage.new_run_id())
     try:
         written = _image_stage_into(attempt, stage, src, images_uri, pre, store, config, code, fp,
                                     table_schema, make_rows, join)
     except Exception:
-        storage.discard(attempt)
+        commit_protocol.discard(attempt)
         raise
     if written is None:
         log.info("%s: another run completed %s first; reusing it", stage, uri)
-        return StageResult(stage, {stage: uri}, {stage: storage.read_manifest(uri)["rows"]}, True)
+        return StageResult(stage, {stage: uri}, {stage: schema.read_manifest(uri)["rows"]}, True)
     return StageResult(stage, {stage: uri}, {stage: written}, False, time.perf_counter() - t0)
 
 
-def _image_stage_into(attempt: storage.Attempt, stage: str, src: dict, images_uri: str, pre: PreprocessConfig,
+def _image_stage_into(attempt: commit_protocol.Attempt, stage: str, src: dict, images_uri: str, pre: PreprocessConfig,
                       store: StorageConfig, config: dict, code: str, fp: str, table_schema, make_rows,
                       join: tuple[str, list[str]] | None) -> int | None:
     """The Beam job and the commit of :func:`run_image_stage` into ``attempt``: the rows published,
     or None when another run completed the dataset first."""
     uri, run_id = attempt.uri, attempt.run_id
-    carried, todo, inputs = [], storage.shard_uris(images_uri), {"images": images_uri}
+    carried, todo, inputs = [], schema.shard_uris(images_uri), {"images": images_uri}
     prev_images = src["inputs"].get("carried_over_from")
-    prev_src = storage.read_manifest(prev_images) if prev_images else None
+    prev_src = schema.read_manifest(prev_images) if prev_images else None
     prev_uri = storage.dataset_uri(store.root, stage, storage.fingerprint(stage, config, [prev_src["fingerprint"]], code)) \
         if prev_src else None
-    prev = storage.read_manifest(prev_uri) if prev_uri else None
+    prev = schema.read_manifest(prev_uri) if prev_uri else None
     if prev is not None:  # the images carried over by ingest keep their rows here too
         carried = carry_over.carry_shards(prev_uri, attempt.folder, prev)
         old = {s["name"] for s in prev_src["shards"]}
-        todo = [storage.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
+        todo = [schema.join(images_uri, s["name"]) for s in src["shards"] if s["name"] not in old]
         inputs["carried_over_from"] = prev_uri
         log.info("%s: carrying over %d rows of %s", stage, prev["rows"], prev_uri)
     if join:
@@ -400,7 +403,7 @@ def _image_stage_into(attempt: storage.Attempt, stage: str, src: dict, images_ur
         p = make_pipeline(pre)
         rows = p | "ListShards" >> beam.Create(todo, reshuffle=True) | "ReadImages" >> beam.FlatMap(_image_rows)
         if join:
-            parts = storage.shard_uris(join[0])
+            parts = schema.shard_uris(join[0])
             dec = (p | "ListDecomposition" >> beam.Create(parts, reshuffle=True)
                    | "ReadDecomposition" >> beam.FlatMap(_decomposition_rows, join[1]))
             rows = {"images": rows, "decomposition": dec} | "JoinByKey" >> beam.CoGroupByKey() \
@@ -412,7 +415,7 @@ def _image_stage_into(attempt: storage.Attempt, stage: str, src: dict, images_ur
     rows = sum(s["rows"] for s in fields["shards"])
     if rows != src["rows"]:
         raise RuntimeError(f"{stage} wrote {rows} rows for {src['rows']} images; nothing published")
-    return rows if storage.commit([(attempt, fields)]) else None
+    return rows if commit_protocol.commit([(attempt, fields)]) else None
 
 
 def spectral_row(key: str, png: bytes, levels: int, dtype: str) -> dict:

@@ -35,21 +35,21 @@ def write_listing(images_uri: str, listing: SourceListing) -> None:
 def previous_ingest(store: StorageConfig, config: dict, listing: SourceListing, code: str) -> PreviousIngest | None:
     """The latest complete ingest with the same data config, code and classes whose inputs are all
     still listed unchanged (an append-only source, e.g. nightly uploads); None when there is none."""
-    fs, root = storage.url_to_fs(storage.join(store.root, "images"))
+    fs, root = schema.url_to_fs(schema.join(store.root, "images"))
     same = json.loads(json.dumps({k: v for k, v in config.items() if k != "listing"}, default=str))
     entries = {(u, n) for u, n in listing.entries}
     best = None
     for path in fs.glob(posixpath.join(root, "*", schema.MANIFEST)):
-        uri = storage.join(store.root, "images", posixpath.basename(posixpath.dirname(path)))
+        uri = schema.join(store.root, "images", posixpath.basename(posixpath.dirname(path)))
         m = schema.read_manifest(uri)
         old = {k: v for k, v in m["config"].items() if k != "listing"}
         if old != same or m["code_version"] != code or m.get("classes") != listing.classes:
             continue
         if not fs.exists(posixpath.join(posixpath.dirname(path), LISTING_FILE)):
             continue
-        t = storage.read_shard(storage.join(uri, LISTING_FILE))
+        t = schema.read_shard(schema.join(uri, LISTING_FILE))
         seen = frozenset(zip(t.column("uri").to_pylist(), t.column("size").to_pylist()))
-        rejected_uri = storage.join(store.root, "rejected", m["fingerprint"])
+        rejected_uri = schema.join(store.root, "rejected", m["fingerprint"])
         if seen <= entries and schema.read_manifest(rejected_uri) and (best is None or m["created"] > best.manifest["created"]):
             best = PreviousIngest(uri, rejected_uri, m, seen)
     return best
@@ -57,8 +57,8 @@ def previous_ingest(store: StorageConfig, config: dict, listing: SourceListing, 
 
 def carry_shards(old_uri: str, new_uri: str, manifest: dict) -> list[dict]:
     """Copy a complete dataset's listed shards into a new dataset folder; their manifest entries."""
-    fs, old = storage.url_to_fs(old_uri)
-    _, new = storage.url_to_fs(new_uri)
+    fs, old = schema.url_to_fs(old_uri)
+    _, new = schema.url_to_fs(new_uri)
     for shard in manifest["shards"]:
         fs.copy(posixpath.join(old, shard["name"]), posixpath.join(new, shard["name"]))
     return manifest["shards"]

@@ -55,7 +55,7 @@ def write_demo_folder(uri: str, n: int, resolution: int, seed: int = 0) -> None:
     (= class), the layout a user's image folder has."""
     from tqdm import tqdm
 
-    from coarse2fine.preprocess.storage import url_to_fs
+    from coarse2fine.preprocess.schema import url_to_fs
 
     fs, root = url_to_fs(uri)
     for i, (name, crop) in enumerate(tqdm(demo_crops(n, resolution, seed), total=n, desc="demo-data", unit="img")):

@@ -6,23 +6,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coarse2fine.preprocess import dwt, schema, storage
+from coarse2fine.preprocess import dwt, schema
 from coarse2fine.preprocess.errors import UserKeyError
 
 
 def describe(uri: str) -> dict:
     """Schema, row count and manifest of a complete dataset (raises if incomplete)."""
-    manifest = storage.read_manifest(uri)
+    manifest = schema.read_manifest(uri)
     if manifest is None:
-        raise storage.IncompleteDatasetError(f"{uri} has no {storage.MANIFEST}: incomplete or not a dataset")
-    first = storage.read_shard(storage.shard_uris(uri)[0])
+        raise schema.IncompleteDatasetError(f"{uri} has no {schema.MANIFEST}: incomplete or not a dataset")
+    first = schema.read_shard(schema.shard_uris(uri)[0])
     return {"uri": uri, "schema": first.schema, "rows": manifest["rows"], "manifest": manifest}
 
 
 def find_row(uri: str, key: str) -> dict:
     """The row of ``key`` (a prefix is enough when unique) as a dict; tensors as numpy arrays."""
-    for shard in storage.shard_uris(uri):
-        table = storage.read_shard(shard)
+    for shard in schema.shard_uris(uri):
+        table = schema.read_shard(shard)
         hits = table.filter(pc.starts_with(table.column("key"), key))
         if hits.num_rows > 1:
             raise UserKeyError(f"key prefix {key!r} is ambiguous in {uri}")
@@ -37,7 +37,7 @@ def find_row(uri: str, key: str) -> dict:
 
 def source_image(uri: str, key: str):
     """The stored image of ``key``: in this dataset, or in the ``images`` dataset it was made from."""
-    manifest = storage.read_manifest(uri)
+    manifest = schema.read_manifest(uri)
     images_uri = uri if manifest["stage"] == "ingest" else manifest["inputs"].get("images")
     if images_uri is None:
         return None
@@ -59,7 +59,7 @@ def render_row(uri: str, key: str, out_png: str, extra: list[tuple[str, np.ndarr
     if image is not None:
         panels.append(("image", image.transpose(1, 2, 0), {}))
     panels += [(title, array, {}) for title, array in extra]
-    manifest = storage.read_manifest(uri)
+    manifest = schema.read_manifest(uri)
     if manifest["stage"] == "tokens":
         panels += _token_panels(row, manifest["config"]["layout"])
     scales = sorted((k for k in row if k.startswith("scale_")), key=lambda k: int(k.split("_")[1]))
@@ -94,7 +94,7 @@ def render_row(uri: str, key: str, out_png: str, extra: list[tuple[str, np.ndarr
                     ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white")
     fig.suptitle(f"{row['key'][:16]}…  ({uri})", fontsize=8)
     fig.tight_layout()
-    fs, path = storage.url_to_fs(out_png)
+    fs, path = schema.url_to_fs(out_png)
     with fs.open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import schema
 from coarse2fine.preprocess.config import DataConfig
 from coarse2fine.preprocess.errors import UserKeyError, UserValueError
 
@@ -49,7 +49,7 @@ def list_source(data: DataConfig) -> SourceListing:
     """List the inputs under ``data.source``. Hidden (dot-prefixed) files and folders are skipped
     and counted (``skipped``); ``_``-prefixed names are read (camera files like ``_DSC0001.png``),
     except the side files of Parquet writers and datasets (:data:`SIDECARS`)."""
-    fs, root = storage.url_to_fs(data.source)
+    fs, root = schema.url_to_fs(data.source)
     if not fs.exists(root):
         raise FileNotFoundError(f"data.source does not exist: {data.source}")
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -91,7 +91,7 @@ def _list_parquet(fs, uris: list[str], data: DataConfig, skipped: int) -> Source
     entries, names = [], set()
     label_col = _label_column(data)
     for uri in uris:
-        with fs.open(storage.url_to_fs(uri)[1], "rb") as f:
+        with fs.open(schema.url_to_fs(uri)[1], "rb") as f:
             pf = pq.ParquetFile(f)
             sch = pf.schema_arrow
             missing = [c for c in [data.image_column] + ([label_col] if label_col else []) if c not in sch.names]
@@ -125,7 +125,7 @@ def parquet_rows(uri: str, data: DataConfig, classes: list[str]) -> Iterator[tup
     """Rows of a Parquet input as ``(source_uri, label, image bytes or None for a null cell, False)``
     (the last item says whether the payload still has to be read from a file); a string label is
     its index in ``classes``. Column types were checked when listing."""
-    fs, path = storage.url_to_fs(uri)
+    fs, path = schema.url_to_fs(uri)
     label_col = _label_column(data)
     index = {c: i for i, c in enumerate(classes)}
     with fs.open(path, "rb") as f:

@@ -1,7 +1,7 @@
-"""Concurrent writers and crashes: the dataset commit protocol (``preprocess/storage.py``).
+"""Concurrent writers and crashes: the dataset commit protocol (``preprocess/commit_protocol.py``).
 
-Fast tests drive ``storage.begin`` / ``storage.commit`` directly with planted claims and attempts
-(a dead pid is that of a finished child process); the slow tests run real ``c2f preprocess``
+Fast tests drive ``commit_protocol.begin`` / ``commit_protocol.commit`` directly with planted claims and
+attempts (a dead pid is that of a finished child process); the slow tests run real ``c2f preprocess``
 processes at once, and kill -9 them at random moments, then check the folders with a glob, as a
 duckdb or polars user would, against a clean run."""
 
@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import commit_protocol, schema, storage
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("images", "rejected", "spectral", "decomposition")
@@ -35,8 +35,8 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def attempt_with_rows(uri: str, run_id: str, keys: list[str]) -> tuple[storage.Attempt, dict]:
-    attempt = storage.begin(uri, run_id)
+def attempt_with_rows(uri: str, run_id: str, keys: list[str]) -> tuple[commit_protocol.Attempt, dict]:
+    attempt = commit_protocol.begin(uri, run_id)
     shard = storage.write_shard(attempt.folder, storage.shard_name(run_id, 0), pa.table({"key": keys}))
     fields = dict(stage="t", fp=Path(uri).name, config={}, inputs={}, code="c", shards=[shard])
     return attempt, fields
@@ -50,10 +50,10 @@ def test_the_second_of_two_runs_reuses_and_leaves_no_rows(tmp_path):
     uri = str(tmp_path / "t" / "fp")
     first = attempt_with_rows(uri, "aaaa", ["a", "b", "c"])
     second = attempt_with_rows(uri, "bbbb", ["a", "b", "c"])  # written at the same time
-    assert storage.commit([first])
-    assert not storage.commit([second])
+    assert commit_protocol.commit([first])
+    assert not commit_protocol.commit([second])
     assert glob_keys(uri) == ["a", "b", "c"]  # not 6 rows
-    assert sorted(p.name for p in Path(uri).iterdir()) == [storage.MANIFEST, "part-00000-aaaa.parquet"]
+    assert sorted(p.name for p in Path(uri).iterdir()) == [schema.MANIFEST, "part-00000-aaaa.parquet"]
 
 
 def test_leftovers_of_a_crashed_publisher_and_dead_attempts_are_removed(tmp_path):
@@ -63,28 +63,28 @@ def test_leftovers_of_a_crashed_publisher_and_dead_attempts_are_removed(tmp_path
     uri = tmp_path / "t" / "fp"
     uri.mkdir(parents=True)
     duckdb.sql(f"copy (select 'stale' as key) to '{uri}/part-00000-dead.parquet'")
-    (uri / f"{storage.ATTEMPT_PREFIX}dead2").mkdir()  # written by a process that is gone: no lock on it
-    (uri / f"{storage.ATTEMPT_PREFIX}dead2" / "part-00000-dead2.parquet").write_bytes(b"partial")
-    live_attempt = storage.begin(str(uri), "live")
-    assert storage.commit([attempt_with_rows(str(uri), "cccc", ["x"])])
+    (uri / f"{commit_protocol.ATTEMPT_PREFIX}dead2").mkdir()  # written by a process that is gone: no lock on it
+    (uri / f"{commit_protocol.ATTEMPT_PREFIX}dead2" / "part-00000-dead2.parquet").write_bytes(b"partial")
+    live_attempt = commit_protocol.begin(str(uri), "live")
+    assert commit_protocol.commit([attempt_with_rows(str(uri), "cccc", ["x"])])
     assert glob_keys(str(uri)) == ["x"]
     left = sorted(p.name for p in uri.iterdir())
-    assert left == sorted([storage.MANIFEST, "part-00000-cccc.parquet", f"{storage.ATTEMPT_PREFIX}live"]), left
-    storage.discard(live_attempt)
-    assert sorted(p.name for p in uri.iterdir()) == [storage.MANIFEST, "part-00000-cccc.parquet"]
+    assert left == sorted([schema.MANIFEST, "part-00000-cccc.parquet", f"{commit_protocol.ATTEMPT_PREFIX}live"]), left
+    commit_protocol.discard(live_attempt)
+    assert sorted(p.name for p in uri.iterdir()) == [schema.MANIFEST, "part-00000-cccc.parquet"]
 
 
 def test_a_killed_writer_holds_nothing_and_a_reuse_sweeps_its_folder(tmp_path):
     """kill -9 of a writer (a child process that opened an attempt and died): the kernel drops its
     lock, so reusing the complete dataset removes the folder it left."""
     uri = tmp_path / "t" / "fp"
-    assert storage.commit([attempt_with_rows(str(uri), "gggg", ["k"])])
-    code = ("import os, sys; from coarse2fine.preprocess import storage; "
-            f"storage.begin({str(uri)!r}, 'killed'); os.kill(os.getpid(), 9)")
+    assert commit_protocol.commit([attempt_with_rows(str(uri), "gggg", ["k"])])
+    code = ("import os, sys; from coarse2fine.preprocess import commit_protocol; "
+            f"commit_protocol.begin({str(uri)!r}, 'killed'); os.kill(os.getpid(), 9)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
-    assert (uri / f"{storage.ATTEMPT_PREFIX}killed").is_dir()
-    storage.sweep(str(uri))
-    assert sorted(p.name for p in uri.iterdir()) == [storage.MANIFEST, "part-00000-gggg.parquet"]
+    assert (uri / f"{commit_protocol.ATTEMPT_PREFIX}killed").is_dir()
+    commit_protocol.sweep(str(uri))
+    assert sorted(p.name for p in uri.iterdir()) == [schema.MANIFEST, "part-00000-gggg.parquet"]
 
 
 def test_object_store_claims_wait_take_over_when_old_and_release_only_their_own(monkeypatch):
@@ -93,26 +93,26 @@ def test_object_store_claims_wait_take_over_when_old_and_release_only_their_own(
 
     uri = f"memory://c2f-test-{time.time_ns()}/t/fp"
     fs = fsspec.filesystem("memory")
-    claim = f"{uri.split('://')[1]}/{storage.CLAIM}"
+    claim = f"{uri.split('://')[1]}/{commit_protocol.CLAIM}"
     fs.pipe(claim, json.dumps({"run_id": "far", "host": "another-host", "pid": 1, "time": time.time()}).encode())
-    storage._release_object(uri, "mine")  # not ours: stays
+    commit_protocol._release_object(uri, "mine")  # not ours: stays
     assert fs.exists(claim)
-    monkeypatch.setattr(storage, "COMMIT_STALE_S", 1.0)
-    attempt = storage.begin(uri, "dddd")
+    monkeypatch.setattr(commit_protocol, "COMMIT_STALE_S", 1.0)
+    attempt = commit_protocol.begin(uri, "dddd")
     shard = storage.write_shard(attempt.folder, storage.shard_name("dddd", 0), pa.table({"key": ["y"]}))
     t0 = time.perf_counter()
-    assert storage.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
+    assert commit_protocol.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
     assert time.perf_counter() - t0 >= 0.9  # it waited for the other host's claim to go stale
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(uri.split("://")[1], detail=False))
-    assert names == [storage.MANIFEST, "part-00000-dddd.parquet"]  # claim released, attempt gone
+    assert names == [schema.MANIFEST, "part-00000-dddd.parquet"]  # claim released, attempt gone
     # a claim of this host whose process is gone is taken over at once
     uri2 = f"{uri}-2"
-    fs.pipe(f"{uri2.split('://')[1]}/{storage.CLAIM}", json.dumps(
+    fs.pipe(f"{uri2.split('://')[1]}/{commit_protocol.CLAIM}", json.dumps(
         {"run_id": "dead", "host": socket.gethostname(), "pid": dead_pid(), "time": time.time()}).encode())
-    attempt = storage.begin(uri2, "hhhh")
+    attempt = commit_protocol.begin(uri2, "hhhh")
     shard = storage.write_shard(attempt.folder, storage.shard_name("hhhh", 0), pa.table({"key": ["z"]}))
     t0 = time.perf_counter()
-    assert storage.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
+    assert commit_protocol.commit([(attempt, dict(stage="t", fp="fp", config={}, inputs={}, code="c", shards=[shard]))])
     assert time.perf_counter() - t0 < 0.9
 
 
@@ -123,29 +123,29 @@ def test_a_publishing_run_is_waited_for_and_its_dataset_reused(tmp_path):
     uri = str(tmp_path / "t" / "fp")
     other = attempt_with_rows(uri, "eeee", ["k"])
     mine = attempt_with_rows(uri, "ffff", ["k"])
-    fd = storage._claim_local(uri)
+    fd = commit_protocol._claim_local(uri)
 
     def publish_then_release():
         time.sleep(1.0)
-        storage._publish(*other)
+        commit_protocol._publish(*other)
         os.close(fd)
 
     threading.Thread(target=publish_then_release).start()
     t0 = time.perf_counter()
-    assert not storage.commit([mine])
+    assert not commit_protocol.commit([mine])
     assert time.perf_counter() - t0 >= 0.9
     assert glob_keys(uri) == ["k"]
-    assert sorted(p.name for p in Path(uri).iterdir()) == [storage.MANIFEST, "part-00000-eeee.parquet"]
+    assert sorted(p.name for p in Path(uri).iterdir()) == [schema.MANIFEST, "part-00000-eeee.parquet"]
 
 
 def test_the_marker_is_claimed_first_and_a_lost_race_discards_every_part(tmp_path):
     """Ingest publishes ``rejected`` then ``images`` (the marker). A run that finds ``images``
     complete publishes neither, even where ``rejected`` is incomplete."""
     rej, img = str(tmp_path / "rejected" / "fp"), str(tmp_path / "images" / "fp")
-    assert storage.commit([attempt_with_rows(img, "gggg", ["i"])])
+    assert commit_protocol.commit([attempt_with_rows(img, "gggg", ["i"])])
     parts = [attempt_with_rows(rej, "hhhh", ["r"]), attempt_with_rows(img, "hhhh", ["i"])]
-    assert not storage.commit(parts)
-    assert not Path(rej, storage.MANIFEST).exists() and not any(Path(rej).iterdir())
+    assert not commit_protocol.commit(parts)
+    assert not Path(rej, schema.MANIFEST).exists() and not any(Path(rej).iterdir())
 
 
 # ---------------------------------------------------------------- real runs (slow)
@@ -167,9 +167,10 @@ def assert_clean_folders(root: Path) -> None:
     """Every dataset folder is complete, and a glob over it reads exactly the manifest's rows."""
     for stage in STAGES:
         for d in (root / stage).iterdir():
-            manifest = storage.read_manifest(str(d))
+            manifest = schema.read_manifest(str(d))
             assert manifest is not None, d
-            names = sorted(p.name for p in d.iterdir() if p.name.startswith(("part-", storage.ATTEMPT_PREFIX, "_commit")))
+            names = sorted(p.name for p in d.iterdir()
+                           if p.name.startswith(("part-", commit_protocol.ATTEMPT_PREFIX, "_commit")))
             assert names == sorted(s["name"] for s in manifest["shards"]), (d, names)
             ((n,),) = duckdb.sql(f"select count(*) from '{d}/part-*.parquet'").fetchall()
             assert n == manifest["rows"], (d, n)

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from conftest import tiny_configs
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import schema, storage
 from coarse2fine.preprocess.beam_jobs import preprocess_all
 
 pytestmark = pytest.mark.slow
@@ -42,11 +42,11 @@ def test_gs_round_trip(gcs, demo_folder):
     assert ing.uris["images"].startswith(f"{gcs}/store/images/")
     n = len(list(demo_folder.rglob("*.png")))
     assert ing.counts["images"] + ing.counts["duplicates"] == n
-    t = storage.read_table(ing.uris["images"])
+    t = schema.read_table(ing.uris["images"])
     assert t.num_rows == ing.counts["images"]
     assert all(u.startswith(f"{gcs}/inputs/") for u in t.column("source_uri").to_pylist())
-    assert storage.read_table(dec.uris["decomposition"]).num_rows == t.num_rows
-    assert storage.read_table(spec.uris["spectral"]).num_rows == t.num_rows
+    assert schema.read_table(dec.uris["decomposition"]).num_rows == t.num_rows
+    assert schema.read_table(spec.uris["spectral"]).num_rows == t.num_rows
     # the manifest is the commit marker: nothing temporary is left behind
     assert not [p for p in fs.find(f"{BUCKET}/store") if "_tmp-" in p]
     again = preprocess_all(*cfgs)

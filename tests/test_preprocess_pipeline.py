@@ -15,7 +15,7 @@ import pytest
 
 from bad_inputs import write_cases
 from conftest import TINY_RES, tiny_configs
-from coarse2fine.preprocess import storage
+from coarse2fine.preprocess import schema
 from coarse2fine.preprocess.beam_jobs import preprocess_all
 from coarse2fine.preprocess.dwt import haar_dwt
 from coarse2fine.preprocess.schema import decode_image
@@ -44,7 +44,7 @@ def run(source, tmp_path_factory):
 
 
 def manifest(uri: str) -> dict:
-    return storage.read_manifest(uri)
+    return schema.read_manifest(uri)
 
 
 def test_counts_reconcile_and_rejections_have_reasons(run, source):
@@ -55,7 +55,7 @@ def test_counts_reconcile_and_rejections_have_reasons(run, source):
     assert counts == {"inputs": n_files, "images": n_files - 1 - n_bad, "duplicates": 1, "rejected": n_bad,
                       "skipped": 0}
     assert manifest(ing.uris["rejected"])["counts"] == counts
-    rejected = storage.read_table(ing.uris["rejected"]).to_pylist()
+    rejected = schema.read_table(ing.uris["rejected"]).to_pylist()
     by_name = {Path(r["source_uri"]).name: r for r in rejected}
     for name, (_, err) in bad.items():
         if err:
@@ -66,7 +66,7 @@ def test_counts_reconcile_and_rejections_have_reasons(run, source):
 
 def test_images_dataset_contract(run):
     _, (ing, _, _), _ = run
-    t = storage.read_table(ing.uris["images"])
+    t = schema.read_table(ing.uris["images"])
     assert t.schema.names == ["key", "source_uri", "split", "width", "height", "label", "image"]
     assert len(set(t.column("key").to_pylist())) == t.num_rows
     assert set(t.column("split").to_pylist()) <= {"train", "validation"}
@@ -87,12 +87,12 @@ def test_every_manifest_documents_its_columns_and_class_names(run):
     assert classes == sorted(classes) and len(classes) >= 2
     for stage, uri in uris.items():
         m = manifest(uri)
-        names = pq.read_schema(storage.shard_uris(uri)[0]).names
+        names = pq.read_schema(schema.shard_uris(uri)[0]).names
         assert [c["name"] for c in m["columns"]] == names, stage
         assert m["classes"] == classes, stage
     spectral = {c["name"]: c["doc"] for c in manifest(uris["spectral"])["columns"]}
     assert "H's R, G, B, then V's, then D's" in spectral["scale_1"] and "[0, 2^L]" in spectral["scale_0"]
-    t = storage.read_table(uris["spectral"])  # the documented value ranges hold
+    t = schema.read_table(uris["spectral"])  # the documented value ranges hold
     L = t.column("levels")[0].as_py()
     assert 0 <= tensor_numpy(t.column("scale_0")).min() and tensor_numpy(t.column("scale_0")).max() <= 2 ** L
     for s in range(1, L + 1):  # scale s is level L - s + 1: values within ±2^(L - s)
@@ -101,14 +101,14 @@ def test_every_manifest_documents_its_columns_and_class_names(run):
 
 def test_spectral_and_decomposition_rows_match_the_math(run):
     (data, pre, _), (ing, spec, dec), _ = run
-    images = {r["key"]: decode_image(r["image"]) for r in storage.read_table(ing.uris["images"]).to_pylist()}
-    st = storage.read_table(spec.uris["spectral"])
+    images = {r["key"]: decode_image(r["image"]) for r in schema.read_table(ing.uris["images"]).to_pylist()}
+    st = schema.read_table(spec.uris["spectral"])
     assert st.num_rows == len(images)
     key = st.column("key")[0].as_py()
     expected = haar_dwt(images[key].astype(np.float64), pre.levels)
     for s, e in enumerate(expected):
         np.testing.assert_allclose(tensor_numpy(st.column(f"scale_{s}"))[0], e, atol=1e-6)
-    dt = storage.read_table(dec.uris["decomposition"])
+    dt = schema.read_table(dec.uris["decomposition"])
     assert dt.num_rows == len(images)
     order = pre.decomposition.order
     for i, k in enumerate(dt.column("key").to_pylist()):
@@ -124,7 +124,7 @@ def test_readable_by_pyarrow_duckdb_polars(run):
     _, results, _ = run
     for r in results:
         for uri in r.uris.values():
-            files = storage.shard_uris(uri)
+            files = schema.shard_uris(uri)
             n = manifest(uri)["rows"]
             assert sum(pq.read_metadata(f).num_rows for f in files) == n
             listed = "[" + ",".join(f"'{f}'" for f in files) + "]"
@@ -132,7 +132,7 @@ def test_readable_by_pyarrow_duckdb_polars(run):
             assert pl.read_parquet(files).height == n
     # tensor cells come back as the same row-major values in every reader
     spec = results[1].uris["spectral"]
-    first = storage.shard_uris(spec)[0]
+    first = schema.shard_uris(spec)[0]
     ref = tensor_numpy(pq.read_table(first).column("scale_1"))[0]
     via_polars = np.asarray(pl.read_parquet(first)["scale_1"].to_list()[0], np.float32)
     via_duckdb = np.asarray(duckdb.sql(f"select scale_1 from read_parquet('{first}') limit 1").fetchall()[0][0], np.float32)
@@ -164,29 +164,29 @@ def test_interrupted_stage_is_not_readable_and_is_rebuilt(run):
     cfgs, results, _ = run
     uri = results[1].uris["spectral"]
     rows = manifest(uri)["rows"]
-    fs, path = storage.url_to_fs(uri)
+    fs, path = schema.url_to_fs(uri)
     # simulate a crash after some shards were written but before the manifest
-    fs.rm(f"{path}/{storage.MANIFEST}")
+    fs.rm(f"{path}/{schema.MANIFEST}")
     pq.write_table(pa.table({"key": ["half-written"]}), f"{path}/part-00000-crashed.parquet")
-    with pytest.raises(storage.IncompleteDatasetError):
-        storage.read_table(uri)
+    with pytest.raises(schema.IncompleteDatasetError):
+        schema.read_table(uri)
     _, spec, _ = preprocess_all(*cfgs)
     assert not spec.reused and spec.uris["spectral"] == uri
-    t = storage.read_table(uri)
+    t = schema.read_table(uri)
     assert t.num_rows == rows and "half-written" not in t.column("key").to_pylist()
     assert not fs.glob(f"{path}/*crashed*")
 
 
 def test_parquet_source_with_label_column(run, tmp_path):
     _, (ing, _, _), _ = run
-    imgs = storage.read_table(ing.uris["images"]).slice(0, 6)
+    imgs = schema.read_table(ing.uris["images"]).slice(0, 6)
     src = tmp_path / "in"
     src.mkdir()
     pq.write_table(pa.table({"image": imgs.column("image"), "cls": pa.array([3, 1, 4, 1, 5, 9], pa.int64())}), src / "a.parquet")
     data, pre, store = tiny_configs(str(src), str(tmp_path / "store"))
     data = data.model_copy(update={"label_from": "cls"})
     ing2, _, _ = preprocess_all(data, pre, store)
-    t = storage.read_table(ing2.uris["images"])
+    t = schema.read_table(ing2.uris["images"])
     assert t.num_rows == 6 and sorted(t.column("label").to_pylist()) == [1, 1, 3, 4, 5, 9]
     assert all("a.parquet#row=" in u for u in t.column("source_uri").to_pylist())
 
@@ -197,7 +197,7 @@ def test_parquet_class_names_null_cells_and_wrong_types(run, tmp_path):
     from coarse2fine.preprocess.errors import UserValueError
 
     _, (ing, _, _), _ = run
-    imgs = storage.read_table(ing.uris["images"]).slice(0, 3).column("image").to_pylist()
+    imgs = schema.read_table(ing.uris["images"]).slice(0, 3).column("image").to_pylist()
     src = tmp_path / "in"
     src.mkdir()
     pq.write_table(pa.table({"image": imgs + [None], "cls": ["dog", "cat", "dog", "cat"]}), src / "a.parquet")
@@ -206,9 +206,9 @@ def test_parquet_class_names_null_cells_and_wrong_types(run, tmp_path):
     ing2, _, _ = preprocess_all(data.model_copy(update={"label_from": "cls"}), pre, store)
     m = manifest(ing2.uris["images"])
     assert m["classes"] == ["cat", "dog"] and m["counts"]["rejected"] == 1 and m["counts"]["inputs"] == 4
-    labels = dict(zip(*(storage.read_table(ing2.uris["images"]).column(c).to_pylist() for c in ("source_uri", "label"))))
+    labels = dict(zip(*(schema.read_table(ing2.uris["images"]).column(c).to_pylist() for c in ("source_uri", "label"))))
     assert [labels[f"{src}/a.parquet#row={i}"] for i in range(3)] == [1, 0, 1]
-    assert storage.read_table(ing2.uris["rejected"]).column("error").to_pylist() == ["NullImage"]
+    assert schema.read_table(ing2.uris["rejected"]).column("error").to_pylist() == ["NullImage"]
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.table({"image": [1, 2], "cls": [0.5, 1.5]}), bad / "b.parquet")
@@ -241,8 +241,8 @@ def test_two_beam_workers_give_the_same_datasets(run, tmp_path):
     again = preprocess_all(data, pre2, store2)
     for a, b in zip(results, again):
         for name in a.uris:
-            ta = storage.read_table(a.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
-            tb = storage.read_table(b.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
+            ta = schema.read_table(a.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
+            tb = schema.read_table(b.uris[name]).sort_by("source_uri" if name == "rejected" else "key")
             assert ta.equals(tb), name
 
 
@@ -272,13 +272,13 @@ def test_grown_source_ingests_only_new_inputs(demo_folder, tmp_path):
     m = manifest(second.uris["images"])
     assert m["inputs"]["carried_over_from"] == first.uris["images"]
     assert m["counts"] == {"inputs": len(files) + 1, "images": len(files), "duplicates": 1, "rejected": 0, "skipped": 0}
-    keys = storage.read_table(second.uris["images"]).column("key").to_pylist()
-    assert set(storage.read_table(first.uris["images"]).column("key").to_pylist()) < set(keys)
+    keys = schema.read_table(second.uris["images"]).column("key").to_pylist()
+    assert set(schema.read_table(first.uris["images"]).column("key").to_pylist()) < set(keys)
     assert len(keys) == len(set(keys)) == len(files)
     # per-image stages carry the old rows over too and compute only the new images
     spec = spectral(second.uris["images"], data, pre, store).uris["spectral"]
     assert manifest(spec)["inputs"]["carried_over_from"] == first_spec.uris["spectral"]
-    assert sorted(storage.read_table(spec, ["key"]).column("key").to_pylist()) == sorted(keys)
+    assert sorted(schema.read_table(spec, ["key"]).column("key").to_pylist()) == sorted(keys)
     # a removed input breaks the append-only assumption: everything is read again
     (src / old[0].parent.name / "again.png").unlink()
     (src / old[1].parent.name / old[1].name).unlink()
