@@ -223,7 +223,7 @@ def sweep(uri: str) -> None:
 
 
 def commit(parts: list[tuple[Attempt, dict]]) -> bool:
-    """Publish each ``(attempt, manifest fields)`` in order (:func:`write_manifest`'s keywords); the
+    """Publish each ``(attempt, manifest fields)`` in order (:func:`storage.write_manifest`'s keywords); the
     last part's manifest marks the whole as complete. False when another run completed that last
     dataset first: every attempt is discarded and the caller reuses what is there. Claims are
     taken marker first, so two runs never wait on each other."""

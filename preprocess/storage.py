@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import posixpath
 import uuid
 from pathlib import Path
@@ -25,9 +24,6 @@ import pyarrow.parquet as pq
 from coarse2fine import __version__
 from coarse2fine.preprocess.errors import UserError
 from coarse2fine.preprocess.schema import MANIFEST, SCHEMA_VERSION, join, url_to_fs
-
-log = logging.getLogger(__name__)
-
 
 def code_version(*modules: Any) -> str:
     """Hash of the package version and the source files of the modules a stage runs."""
