@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# After pip's upgrade: retry interrupted downloads (a CI install once failed on ray's 79 MB wheel
+# after pip's default 5 resumes).
+PIP := python -m pip install --quiet --retries 10 --resume-retries 20
 # The CPU build of torch: `pip install torch` alone would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -11,8 +14,8 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/$(PIP) "$(TORCH_SPEC)"
+	$(BIN)/$(PIP) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -46,8 +49,8 @@ xla-env: $(XLA_VENV)/.installed
 $(XLA_VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(XLA_VENV)
 	$(XLA_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(XLA_VENV)/bin/python -m pip install --quiet $(XLA_SPEC)
-	$(XLA_VENV)/bin/python -m pip install --quiet -e '.[test]' $(XLA_SPEC)
+	$(XLA_VENV)/bin/$(PIP) $(XLA_SPEC)
+	$(XLA_VENV)/bin/$(PIP) -e '.[test]' $(XLA_SPEC)
 	touch $@
 
 # The wheels benchmarks/gpu_checks.sh installs on a lent GPU machine (Python 3.12, no network there):
