@@ -23,6 +23,8 @@ TOKENIZERS = {
     "continuous (kl, 8×8×16)": ["tokenizer.method=kl"],
     "discrete (VQ, 8×8, dim 16, K=512)": ["tokenizer.method=vqgan", "tokenizer.vqgan.z_channels=16"],
 }
+LATENTS = "continuous (kl, 8×8×16)"  # the tokenizer whose latents both generators model
+GENERATORS = ("far", "mar")  # the seed's comparison: FAR and its baseline MAR
 
 
 def main() -> None:
@@ -42,12 +44,12 @@ def main() -> None:
         ref = stages.train_tokenizer(cfg)
         seconds = time.perf_counter() - t
         recon.append((name, stages.evaluate_tokenizer(cfg, ref.run_id)[0], seconds, ref.run_id))
-        if cfg.tokenizer.method == "kl":  # the continuous tokenizer: the generators' latents
+        if name == LATENTS:
             kl_run, kl_cfg = ref.run_id, cfg
     tokens = stages.tokenize(kl_cfg, kl_run).uris["tokens"]
     gens = []
-    for method in ("far", "mar"):
-        cfg = demo_config(base + TOKENIZERS["continuous (kl, 8×8×16)"] + [f"generator.method={method}"])
+    for method in GENERATORS:
+        cfg = demo_config(base + TOKENIZERS[LATENTS] + [f"generator.method={method}"])
         t = time.perf_counter()
         gen = stages.train_generator(cfg, tokenizer_run=kl_run, tokens_uri=tokens)
         seconds = time.perf_counter() - t
