@@ -1,14 +1,18 @@
-"""AR-SIT sampling throughput per stop scale, with and without the KV cache (SIT Table 2 shape).
+"""AR-SIT sampling throughput per stop scale: without the KV cache, with it, and on CUDA with its
+one-token step replayed from a CUDA graph, plain or compiled first (SIT Table 2 shape).
 
     python benchmarks/bench_arsit.py [--device cpu|cuda] [--gen-size mini] [--tok-size mini]
                                      [--resolution 128] [--scales 4] [--tokens 64] [--batch 8] [--cfg 2.0]
 
 For each stop scale s: images/s of sampling the first s·N tokens (classifier-free guidance on, as
-the CLI default) plus decoding them with the scale-causal SIT decoder, once with the KV cache
-(``sample_tokens(use_cache=True)``, the implementation) and once recomputing the whole prefix at
-every token (the reference, same process, same seed, identical tokens). Weights are random:
-throughput does not depend on them. Prints a markdown table; the last column is the speed-up of
-stopping early relative to the full sequence (the seed: 2.5 → 54.5 images/s from 256 to 32 px).
+the CLI default) plus decoding them with the scale-causal SIT decoder: recomputing the whole prefix
+at every token (the reference), with the static KV cache (eager), and on CUDA with the cached step
+captured in a CUDA graph (the default there) and compiled then captured (``compile_step``); same
+process, same seed. The cached runs must give the reference's tokens (the compiled one is reported
+as the share of equal tokens: fused kernels round differently). Each call's graph capture and
+compilation (after the first) count in its time. Weights are random: throughput does not depend
+on them. Prints a markdown table; the last column is the speed-up of stopping early relative to
+the full sequence, default mode (the seed: 2.5 → 54.5 images/s from 256 to 32 px).
 """
 
 from __future__ import annotations
@@ -26,15 +30,15 @@ from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 from coarse2fine.train.sampling import sample_tokens
 
 
-def images_per_s(gen, tok, cond, s: int, use_cache: bool, guidance: float, iters: int, device) -> tuple[float, torch.Tensor]:
+def images_per_s(gen, tok, cond, s: int, mode: dict, guidance: float, iters: int, device) -> tuple[float, torch.Tensor]:
     def once() -> torch.Tensor:
         ids = sample_tokens(gen, cond, s * gen.cfg.tokens_per_scale, guidance=guidance,
-                            generator=torch.Generator(device).manual_seed(0), use_cache=use_cache)
+                            generator=torch.Generator(device).manual_seed(0), **mode)
         with torch.no_grad():
             decode(tok, ids)
         return ids
 
-    once()  # warm-up
+    once()  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
     else:
@@ -68,18 +72,27 @@ def main() -> None:
     cond = torch.arange(a.batch, device=device) % 10
     print(f"device {device}, generator {a.gen_size}, tokenizer {a.tok_size} SIT-SCD {a.scales}x{a.tokens} tokens, "
           f"{a.resolution}px, batch {a.batch}, CFG {a.cfg}\n")
-    print("| stop scale | resolution | tokens | images/s cached | images/s uncached | cache speed-up | vs full sequence |")
-    print("|---|---|---|---|---|---|---|")
+    modes = {"uncached": dict(use_cache=False), "cached": dict(cuda_graph=False)}
+    if device.type == "cuda":
+        modes |= {"cached + CUDA graph": dict(cuda_graph=True),
+                  "cached + compile + CUDA graph": dict(cuda_graph=True, compile_step=True)}
+    default = "cached + CUDA graph" if device.type == "cuda" else "cached"
+    print("| stop scale | resolution | tokens | " + " | ".join(f"images/s {m}" for m in modes)
+          + f" | {default} / uncached | compiled tokens equal | vs full sequence |")
+    print("|---" * (len(modes) + 6) + "|")
     rows = []
     for s in range(1, a.scales + 1):
-        cached, ids_c = images_per_s(gen, tok, cond, s, True, a.cfg, a.iters, device)
-        uncached, ids_u = images_per_s(gen, tok, cond, s, False, a.cfg, a.iters, device)
-        assert torch.equal(ids_c, ids_u), "cached and uncached sampling disagree"
-        rows.append((s, a.resolution >> (a.scales - s), s * a.tokens, cached, uncached))
-    full = rows[-1][3]
-    for s, res, n, c, u in rows:
-        print(f"| {s} | {res} | {n} | {c:.1f} | {u:.1f} | {c / u:.2f}x | {c / full:.1f}x |")
-
+        speed, ids = {}, {}
+        for name, mode in modes.items():
+            speed[name], ids[name] = images_per_s(gen, tok, cond, s, mode, a.cfg, a.iters, device)
+        assert all(torch.equal(ids[m], ids["uncached"]) for m in modes if "compile" not in m), "cached sampling disagrees"
+        compiled = ids.get("cached + compile + CUDA graph")
+        same = "–" if compiled is None else f"{(compiled == ids['cached']).float().mean().item():.1%}"
+        rows.append((s, a.resolution >> (a.scales - s), s * a.tokens, speed, same))
+    full = rows[-1][3][default]
+    for s, res, n, speed, same in rows:
+        print(f"| {s} | {res} | {n} | " + " | ".join(f"{v:.1f}" for v in speed.values())
+              + f" | {speed[default] / speed['uncached']:.2f}x | {same} | {speed[default] / full:.1f}x |")
 
 if __name__ == "__main__":
     main()

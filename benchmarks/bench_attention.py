@@ -38,6 +38,9 @@ CASES = [  # (name, block sizes, batch, model size dict)
     ("SIT 5×16 (demo layout)", (16,) * 5, 64, MODEL_SIZES["small"]),
     ("CART 10 scales + 3 details", tuple(s * s for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 16, 16, 16)), 8,
      GENERATOR_SIZES["parti-350m"]),
+    ("8 blocks × 256 (FLEX_MIN_TOKENS gap)", (256,) * 8, 4, MODEL_SIZES["small"]),
+    ("12 blocks × 256 (FLEX_MIN_TOKENS gap)", (256,) * 12, 2, MODEL_SIZES["small"]),
+    ("16 blocks × 256 (FLEX_MIN_TOKENS gap)", (256,) * 16, 2, MODEL_SIZES["small"]),
     ("SIT 5×1024 (512 px)", (1024,) * 5, 2, MODEL_SIZES["small"]),
     ("16 blocks × 512 (synthetic)", (512,) * 16, 1, MODEL_SIZES["small"]),
 ]

@@ -1,6 +1,6 @@
 """Triton kernels vs their baselines: fused nearest-code search (``train/kernels/nearest_code.py``)
-vs ``torch.cdist`` + ``argmin``, and one Haar DWT level (``train/kernels/haar.py``) vs the torch
-reference and ``pywt.dwt2``.
+vs ``torch.cdist`` + ``argmin``, and the fused multi-level Haar DWT and inverse
+(``train/kernels/haar.py``) vs the torch reference (level by level) and ``pywt.wavedec2`` / ``waverec2``.
 
     python benchmarks/bench_kernels.py [--repeats 5]
 
@@ -8,8 +8,8 @@ For each (N vectors, K codes, D dims) — SIT's factorised codes (D 8–32, cosi
 vectors (D = H1·W1 = 256 at 256 px) and spatial VQ (D 8–64), K up to 65,536 — the median seconds
 and peak device memory of: the baseline ``torch.cdist(z, codes).argmin(-1)``, our torch reference
 (one fp32 matmul, argmin) and, on CUDA, the Triton kernel; ratios baseline / ours in the same
-process. The Haar rows give achieved GB/s (bytes read + written per second) to compare with the
-device's memory bandwidth. On CPU only the baselines and the references run (the kernels'
+process. The Haar rows give the kernel's achieved GB/s (the least traffic: input read once, output
+written once, per second) beside a same-size ``clone``'s, the device's achievable bandwidth. On CPU only the baselines and the references run (the kernels'
 interpreter is for correctness, not speed): the GPU rows are pending until a GPU is lent.
 """
 
@@ -80,21 +80,30 @@ def main() -> None:
         print(f"| {case} | {N} | {K} | {D} | {base_t:.4f} | {ref_t:.4f} | {tail} |", flush=True)
     if gpu and args.sweep:
         sweep(args.repeats, device)
-    print("\n| Haar level, input | pywt.dwt2 s (CPU, float64) | torch reference s | reference GB/s | kernel s | kernel GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| Haar, input | levels | direction | pywt s (CPU, float64) | torch reference s | fused kernel s "
+          "| reference / kernel | kernel GB/s | copy GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for B, side in ((64, 256), (16, 1024)):
         B = max(1, int(B * args.scale))
         x = torch.randn(B, 3, side, side, device=device)
-        moved = 2 * x.numel() * x.element_size()  # read x once, write A and HVD (as many values)
-        pywt_t = timed(lambda: pywt.dwt2(x.cpu().double().numpy(), "haar", axes=(-2, -1)), 1, torch.device("cpu"))[0]
-        ref_t = timed(lambda: haar.haar_level_reference(x), args.repeats, device)[0]
-        if gpu:
-            ker_t = timed(lambda: haar.haar_level_triton(x), args.repeats, device)[0]
-            tail = f"{ker_t:.4f} | {moved / ker_t / 1e9:.0f}"
-        else:
-            tail = "pending (no GPU) | –"
-        print(f"| {B}×3×{side}² | {pywt_t:.4f} | {ref_t:.4f} | {moved / ref_t / 1e9:.1f} | {tail} |", flush=True)
-
+        moved = 2 * x.numel() * x.element_size()  # the least traffic: read the input once, write as many values
+        copy_t = timed(lambda: x.clone(), args.repeats, device)[0]  # the device's achievable bandwidth
+        for levels in (1, 4):
+            scales = haar.haar_dwt_reference(x, levels)
+            x64 = x.cpu().double().numpy()
+            pywt_fwd = timed(lambda: pywt.wavedec2(x64, "haar", level=levels, axes=(-2, -1)), 1, torch.device("cpu"))[0]
+            coeffs = pywt.wavedec2(x64, "haar", level=levels, axes=(-2, -1))
+            pywt_inv = timed(lambda: pywt.waverec2(coeffs, "haar", axes=(-2, -1)), 1, torch.device("cpu"))[0]
+            runs = (("DWT", pywt_fwd, lambda: haar.haar_dwt_reference(x, levels), lambda: haar.haar_dwt_triton(x, levels)),
+                    ("IDWT", pywt_inv, lambda: haar.haar_idwt_reference(scales), lambda: haar.haar_idwt_triton(scales)))
+            for direction, pywt_t, reference, kernel in runs:
+                ref_t = timed(reference, args.repeats, device)[0]
+                if gpu:
+                    ker_t = timed(kernel, args.repeats, device)[0]
+                    tail = f"{ker_t:.5f} | {ref_t / ker_t:.2f} | {moved / ker_t / 1e9:.0f} | {moved / copy_t / 1e9:.0f}"
+                else:
+                    tail = f"pending (no GPU) | – | – | {moved / copy_t / 1e9:.1f}"
+                print(f"| {B}×3×{side}² | {levels} | {direction} | {pywt_t:.4f} | {ref_t:.5f} | {tail} |", flush=True)
 
 def sweep(repeats: int, device: torch.device) -> None:
     """Seconds of the kernel per (BLOCK_N, BLOCK_K, BLOCK_D, num_warps) on the two largest cases."""

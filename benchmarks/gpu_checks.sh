@@ -8,8 +8,10 @@
 # small wheels the imported modules need are carried in an ignored .whl/ folder (`make gpu-wheels`
 # makes it; RESULTS.md, "Kernels on an H100", lists them), and the package is imported from the working tree through
 # links (no install). Ray's wheel is too large to carry, so the NCCL test does not run there.
-# Each step writes its output to $OUT (default .c2f/gpu) and a failing step does not stop the next.
-set -u
+# Each step writes its output to $OUT (default .c2f/gpu), runs under its own time limit (seconds:
+# $LIMIT_<step>, defaults below) so that one slow step cannot eat the others' device time, and a
+# failing step does not stop the next; steps.txt records each step's exit status and seconds.
+set -u -o pipefail
 OUT=${OUT:-.c2f/gpu}
 mkdir -p "$OUT"
 steps=${*:-tests kernels attention steps sit arsit}
@@ -23,9 +25,12 @@ for d in pipelines preprocess train evaluate; do ln -s "$PWD/$d" "$pkg/coarse2fi
 export PYTHONPATH="$pkg:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+declare -A limit=([tests]=120 [kernels]=90 [sweep]=300 [attention]=60 [steps]=150 [sit]=120 [arsit]=100)
 for step in $steps; do
     echo "== $step"
-    case $step in
+    var="LIMIT_$step"
+    t0=$SECONDS
+    (case $step in
         tests) python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_gpu.py -k "not nccl" \
                    2>&1 | tee "$OUT/pytest.txt" ;;
         kernels) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.md" ;;
@@ -35,5 +40,12 @@ for step in $steps; do
         sit) python3 benchmarks/bench_sit.py --device cuda 2>&1 | tee "$OUT/bench_sit.md" ;;
         arsit) python3 benchmarks/bench_arsit.py --device cuda 2>&1 | tee "$OUT/bench_arsit.md" ;;
         *) echo "unknown step $step" ;;
-    esac
+    esac) &
+    job=$!
+    (sleep "${!var:-${limit[$step]:-120}}" && pkill -TERM -P $job && echo "== $step: over its time limit") &
+    watchdog=$!
+    wait $job
+    rc=$?
+    kill $watchdog 2>/dev/null
+    echo "$step rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
 done

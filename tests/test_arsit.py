@@ -38,9 +38,47 @@ def test_kv_cache_gives_the_same_tokens(guidance, top_k, top_p):
                           generator=torch.Generator().manual_seed(7), use_cache=cache) for cache in (True, False)]
     assert torch.equal(*runs)
     # and the cached per-step logits equal teacher forcing on the finished sequence
-    ids, cache, full = runs[0], m.new_cache(), m(runs[0], cond)
+    ids, cache, full = runs[0], m.new_cache(len(cond)), m(runs[0], cond)
     for t in range(S * N):
         torch.testing.assert_close(m.next_logits(ids[:, :t], cond, cache), full[:, t], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, N + 1])
+def test_decode_steps_equal_teacher_forcing(prefix):
+    """The static cache's one-token step (tensor position, whole-buffer attention under a mask) gives
+    the logits of the uncached model at every later position, after a prefill of any length."""
+    m, cond = model(), torch.tensor([0, 1, C])
+    ids = torch.randint(0, V, (3, S * N))
+    full = m(ids, cond)  # (3, L, V)
+    cache = m.new_cache(len(cond))
+    torch.testing.assert_close(m.next_logits(ids[:, :prefix], cond, cache), full[:, prefix], rtol=1e-9, atol=1e-9)
+    assert cache.length == prefix + 1
+    for t in range(prefix + 1, S * N):
+        logits = m.decode_step(ids[:, t - 1: t], torch.tensor([t]), cache)
+        cache.length = t + 1
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-9, atol=1e-9)
+
+
+def test_stale_keys_in_the_static_cache_are_never_read():
+    """Garbage written ahead of the sequence (as a CUDA graph's warm-up writes position 1) changes nothing."""
+    m, cond = model(), torch.tensor([2, C])
+    ids = torch.randint(0, V, (2, S * N))
+    cache = m.new_cache(len(cond))
+    cache.k_LBhMd.normal_()
+    cache.v_LBhMd.normal_()
+    m.next_logits(ids[:, :0], cond, cache)
+    for t in range(1, S * N):
+        torch.testing.assert_close(m.decode_step(ids[:, t - 1: t], torch.tensor([t]), cache), m(ids, cond)[:, t],
+                                   rtol=1e-9, atol=1e-9)
+        cache.length = t + 1
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_samples_the_same_tokens():
+    m, cond = model().float(), torch.tensor([0, 3, C])
+    runs = [sample_tokens(m, cond, S * N, guidance=2.0, generator=torch.Generator().manual_seed(3),
+                          compile_step=compiled) for compiled in (False, True)]
+    assert torch.equal(*runs)
 
 
 def test_logits_at_t_ignore_later_tokens():
@@ -58,7 +96,7 @@ def test_logits_at_t_ignore_later_tokens():
 def test_same_id_means_different_things_per_scale():
     m = model()
     ids = torch.zeros(1, S * N, dtype=torch.long)  # id 0 at every scale
-    emb = m._embed_tokens(ids, 0)[0]  # (L, C)
+    emb = m._embed_tokens(ids, torch.arange(S * N))[0]  # (L, C)
     assert not torch.allclose(emb[0], emb[N]) and not torch.allclose(emb[N], emb[2 * N])
     assert torch.allclose(emb[0], emb[1])
 

@@ -45,10 +45,10 @@ def test_partial_decode_is_coarse_image():
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("levels, h, w", [(1, 6, 10), (3, 16, 40), (3, 40, 8), (2, 12, 12)])
 def test_torch_dwt_equals_pywavelets_band_by_band(levels, h, w, dtype, atol):
-    """The training DWT (train/models/dwt.py, the kernels' reference) against pywt.wavedec2 per
+    """The training DWT's torch reference (train/kernels/haar.py) against pywt.wavedec2 per
     band on non-square images, odd level counts and float32: swapped H/V bands, a transposed
     image or a wrong level order fail it; the inverse recovers the input."""
-    from coarse2fine.train.models.dwt import haar_dwt as torch_dwt, haar_idwt as torch_idwt
+    from coarse2fine.train.kernels.haar import haar_dwt_reference as torch_dwt, haar_idwt_reference as torch_idwt
 
     x = torch.from_numpy(np.random.default_rng(h * w + levels).normal(size=(2, 3, h, w))).to(dtype)
     ours = torch_dwt(x, levels)
@@ -61,15 +61,16 @@ def test_torch_dwt_equals_pywavelets_band_by_band(levels, h, w, dtype, atol):
     np.testing.assert_allclose(torch_idwt(ours).double().numpy(), x.double().numpy(), atol=10 * atol)
 
 
-@pytest.mark.parametrize("h, w, ok", [(5, 4, False), (4, 5, False), (4, 4, True)])
-def test_haar_level_refuses_odd_sides_and_only_them(h, w, ok):
-    """Odd height or width is refused; odd batch and channel counts are fine (mutation testing
-    found the precondition unpinned: `or` for `and`, the batch axis, one side checked twice)."""
-    from coarse2fine.train.kernels.haar import haar_level
+@pytest.mark.parametrize("h, w, levels, ok", [(5, 4, 1, False), (4, 5, 1, False), (4, 4, 1, True), (12, 8, 3, False),
+                                                (8, 12, 3, False), (8, 8, 3, True)])
+def test_haar_dwt_refuses_sides_not_divisible_by_its_levels_and_only_them(h, w, levels, ok):
+    """A side that turns odd at some level is refused; odd batch and channel counts are fine (mutation
+    testing found the precondition unpinned: `or` for `and`, the batch axis, one side checked twice)."""
+    from coarse2fine.train.kernels.haar import haar_dwt
 
     x = torch.zeros(3, 1, h, w)
     if ok:
-        assert haar_level(x)[0].shape == (3, 1, h // 2, w // 2)
+        assert haar_dwt(x, levels)[0].shape == (3, 1, h >> levels, w >> levels)
     else:
         with pytest.raises(AssertionError, match="odd size"):
-            haar_level(x)
+            haar_dwt(x, levels)

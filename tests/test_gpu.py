@@ -47,3 +47,19 @@ def test_fit_with_the_nccl_backend(tmp_path, demo_folder):
     finally:
         ray.shutdown()
     assert fit.steps == 2 and load_tokenizer(fit.checkpoint_uri) is not None
+
+
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_cuda_graph_sampling_gives_the_tokens_of_eager_cached_sampling(prefix):
+    """The captured decode step replays the same kernels as the eager one: identical tokens, with and
+    without a prefix (the capture's writes at position 1 are overwritten before they are read)."""
+    from coarse2fine.train.models.arsit import ARSITConfig, build_generator
+    from coarse2fine.train.sampling import sample_tokens
+
+    torch.manual_seed(0)
+    gen = build_generator(ARSITConfig(3, 8, 64, num_classes=4, size="tiny")).cuda()
+    cond = torch.tensor([0, 1, 2, 4], device="cuda")
+    pre = torch.randint(0, 64, (4, prefix), device="cuda")
+    runs = [sample_tokens(gen, cond, 24, pre, guidance=2.0, top_k=10, cuda_graph=graph,
+                          generator=torch.Generator("cuda").manual_seed(1)) for graph in (False, True)]
+    assert torch.equal(*runs) and torch.equal(runs[1][:, :prefix], pre)

@@ -51,11 +51,14 @@ def test_kernel_finds_the_brute_force_nearest_code(device, metric, N, K, D):
 
 
 def test_ties_go_to_the_lowest_index_in_kernel_and_reference(device):
-    """Code 70 repeats code 3 (in another K tile): both pick 3, as torch's argmin does."""
+    """Codes 70 and 200 repeat code 3 (in its K tile and in another): both pick 3, as torch's argmin
+    does. Small integer vectors make the tie exact whatever the summation order (a BLAS, the
+    interpreter's ``tl.dot``, sums columns of one tile in different orders: with real-valued codes
+    two equal columns can differ in the last bit)."""
     g = torch.Generator().manual_seed(0)
-    codes = torch.randn(130, 16, generator=g)
-    codes[70] = codes[3]
-    z = codes[[3, 3, 5]] + 1e-3 * torch.randn(3, 16, generator=g)
+    codes = torch.randint(-3, 4, (260, 16), generator=g).float()
+    codes[70] = codes[200] = codes[3]
+    z = codes[[3, 3, 5]]
     for metric in ("euclidean",):
         assert nc.nearest_code_triton(z.to(device), codes.to(device), metric).tolist()[:2] == [3, 3]
         assert nc.nearest_code_reference(z, codes, metric).tolist()[:2] == [3, 3]
@@ -129,58 +132,72 @@ def test_on_cuda_the_kernel_is_chosen_and_equals_the_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_haar_kernels_are_chosen_and_equal_the_reference(monkeypatch):
+def test_on_cuda_the_fused_haar_kernels_are_chosen_equal_the_reference_and_compile_without_breaks(monkeypatch):
     from coarse2fine.train.kernels import haar
 
     x = torch.randn(8, 3, 256, 256, device="cuda", requires_grad=True)
     used = []
-    kernel = haar.haar_level_triton
-    monkeypatch.setattr(haar, "haar_level_triton", lambda t: used.append(1) or kernel(t))
-    approx, hvd = haar.haar_level(x)
-    a_ref, h_ref = haar.haar_level_reference(x)
-    assert used and torch.allclose(approx, a_ref, atol=1e-6) and torch.allclose(hvd, h_ref, atol=1e-6)
-    (approx.sum() + hvd.pow(2).sum()).backward()
-    assert torch.allclose(x.grad, torch.autograd.grad(a_ref.sum() + h_ref.pow(2).sum(), x)[0], atol=1e-5)
+    kernel = haar.haar_dwt_triton
+    monkeypatch.setattr(haar, "haar_dwt_triton", lambda t, n: used.append(1) or kernel(t, n))
+    ours, ref = haar.haar_dwt(x, 4), haar.haar_dwt_reference(x, 4)
+    assert used and all(torch.allclose(o, r, atol=1e-5) for o, r in zip(ours, ref))
+    weights = [torch.randn_like(r) for r in ref]
+    sum((o * w).sum() for o, w in zip(ours, weights)).backward()
+    grad_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), x)[0]
+    assert torch.allclose(x.grad, grad_ref, atol=1e-5)
+    # a triton_op: torch.compile traces into both kernels (fullgraph fails on a graph break)
+    roundtrip = torch.compile(lambda t: haar.haar_idwt(haar.haar_dwt(t * 2, 3)) + 1, fullgraph=True)
+    assert torch.allclose(roundtrip(x.detach()), x.detach() * 2 + 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 2, 2), (3, 2, 6, 10), (2, 3, 64, 32)])
-def test_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(device, shape):
-    """The forward kernel against pywt.dwt2 band by band; the inverse kernel undoes it; the
-    gradients of the autograd functions (inverse kernels as adjoints) equal the reference's."""
+@pytest.mark.parametrize("levels, shape", [(1, (2, 3, 8, 8)), (1, (1, 1, 2, 2)), (2, (3, 2, 12, 20)),
+                                           (3, (2, 3, 64, 32)), (4, (1, 2, 16, 48))])
+def test_fused_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(device, levels, shape):
+    """The fused forward kernel against pywt.wavedec2 band by band; the fused inverse undoes it, also
+    from fewer scales (a coarser image, against the reference); the gradients of both operators (each
+    other's kernels as adjoints) equal the reference's, also when some outputs get no gradient."""
     import numpy as np
     import pywt
 
     from coarse2fine.train.kernels import haar
 
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
-    approx, hvd = haar.haar_level_triton(x)
-    a_ref, (h_ref, v_ref, d_ref) = pywt.dwt2(x.double().cpu().numpy(), "haar", axes=(-2, -1))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + levels)).to(device)
+    ours = haar.haar_dwt_triton(x, levels)
+    ref = pywt.wavedec2(x.double().cpu().numpy(), "haar", level=levels, axes=(-2, -1))
     C = shape[1]
-    np.testing.assert_allclose(approx.cpu().numpy(), a_ref, atol=1e-5)
-    for k, band in enumerate((h_ref, v_ref, d_ref)):
-        np.testing.assert_allclose(hvd[:, k * C:(k + 1) * C].cpu().numpy(), band, atol=1e-5)
-    assert torch.allclose(haar.ihaar_level_triton(approx, hvd), x, atol=1e-5)
+    np.testing.assert_allclose(ours[0].cpu().numpy(), ref[0], atol=1e-5)
+    for scale, bands in zip(ours[1:], ref[1:]):
+        for k, band in enumerate(bands):
+            np.testing.assert_allclose(scale[:, k * C:(k + 1) * C].cpu().numpy(), band, atol=1e-5)
+    assert torch.allclose(haar.haar_idwt_triton(ours), x, atol=1e-5)
+    assert torch.allclose(haar.haar_idwt_triton(ours[:2]), haar.haar_idwt_reference(ours[:2]), atol=1e-5)
 
     xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    w_a, w_h = torch.randn_like(approx), torch.randn_like(hvd)
-    ((haar._HaarFn.apply(xk)[0] * w_a).sum() + (haar._HaarFn.apply(xk)[1] * w_h).sum()).backward()
-    a2, h2 = haar.haar_level_reference(xr)
-    ((a2 * w_a).sum() + (h2 * w_h).sum()).backward()
+    weights = [torch.randn_like(o) for o in ours]
+    used = slice(0, None) if levels == 1 else slice(1, None)  # with levels > 1 the approximation gets no gradient
+    sum((o * w).sum() for o, w in zip(haar.haar_dwt_triton(xk, levels)[used], weights[used])).backward()
+    sum((o * w).sum() for o, w in zip(haar.haar_dwt_reference(xr, levels)[used], weights[used])).backward()
     assert torch.allclose(xk.grad, xr.grad, atol=1e-5)
-    ak, hk = approx.clone().requires_grad_(), hvd.clone().requires_grad_()
+    sk = [o.clone().requires_grad_() for o in ours]
+    sr = [o.clone().requires_grad_() for o in ours]
     w = torch.randn_like(x)
-    (haar._IHaarFn.apply(ak, hk) * w).sum().backward()
-    ar, hr = approx.clone().requires_grad_(), hvd.clone().requires_grad_()
-    (haar.ihaar_level_reference(ar, hr) * w).sum().backward()
-    assert torch.allclose(ak.grad, ar.grad, atol=1e-5) and torch.allclose(hk.grad, hr.grad, atol=1e-5)
+    (haar.haar_idwt_triton(sk) * w).sum().backward()
+    (haar.haar_idwt_reference(sr) * w).sum().backward()
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-5) for a, b in zip(sk, sr))
 
 
-def test_haar_takes_the_reference_on_cpu(monkeypatch):
+def test_haar_takes_the_reference_on_cpu_and_beyond_the_fused_levels(monkeypatch):
     from coarse2fine.train.kernels import haar
 
-    monkeypatch.setattr(haar, "haar_level_triton", lambda *a: pytest.fail("kernel on a CPU tensor"))
+    monkeypatch.setattr(haar, "haar_dwt_triton", lambda *a: pytest.fail("kernel on a CPU tensor"))
+    monkeypatch.setattr(haar, "haar_idwt_triton", lambda *a: pytest.fail("kernel on a CPU tensor"))
     x = torch.randn(1, 3, 4, 4)
-    assert torch.equal(haar.haar_level(x)[0], haar.haar_level_reference(x)[0])
+    assert torch.equal(haar.haar_dwt(x, 2)[0], haar.haar_dwt_reference(x, 2)[0])
+    assert torch.equal(haar.haar_idwt(haar.haar_dwt(x, 2)), haar.haar_idwt_reference(haar.haar_dwt(x, 2)))
+    monkeypatch.setattr(kernels, "use_kernel", lambda *t: True)  # as on CUDA: too many levels still take the reference
+    monkeypatch.setattr(haar, "use_kernel", lambda *t: True)
+    deep = torch.randn(1, 1, 2 ** (haar.MAX_FUSED_LEVELS + 1), 2 ** (haar.MAX_FUSED_LEVELS + 1))
+    assert len(haar.haar_dwt(deep, haar.MAX_FUSED_LEVELS + 1)) == haar.MAX_FUSED_LEVELS + 2
 
 
 def brute_force_attention(q, k, v, sizes):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from coarse2fine.preprocess.dwt import haar_dwt as np_haar_dwt
-from coarse2fine.train.models.dwt import haar_dwt, haar_idwt
+from coarse2fine.train.kernels.haar import haar_dwt, haar_idwt
 from coarse2fine.train.models.quantizer import FactorizedVQ
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer, patchify, unpatchify
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from coarse2fine.train.models.arsit import ARSIT
+from coarse2fine.train.models.blocks import KVCache
 
 
 def guided_logits(cond_BV: torch.Tensor, uncond_BV: torch.Tensor, scale: float) -> torch.Tensor:
@@ -45,24 +46,80 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cuda_graph: bool | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """Token ids (B, num_tokens): the given prefix unchanged, then sampled tokens.
 
-    ``num_tokens = s · N`` stops after scale s (a coarse image for a scale-causal decoder).
+    ``num_tokens = s · N`` stops after scale s (a coarse image for a scale-causal decoder). With the
+    cache, one call runs the condition and the prefix, then one ``ARSIT.decode_step`` per token; on
+    CUDA that step is captured once in a CUDA graph and replayed (``cuda_graph``, default: on CUDA),
+    after ``torch.compile`` if ``compile_step`` (see :func:`_cached_step`). Without the cache every
+    token reruns the whole prefix (the reference).
     """
     model.eval()
     B = cond_B.shape[0]
     ids = prefix_BP if prefix_BP is not None else torch.zeros(B, 0, dtype=torch.long, device=cond_B.device)
     assert ids.shape[1] <= num_tokens <= model.cfg.seq_len, "prefix longer than the requested sequence"
     assert temperature > 0, "temperature must be positive"
+    if ids.shape[1] == num_tokens:
+        return ids
     guided = guidance != 1.0
     cond = torch.cat([cond_B, torch.full_like(cond_B, model.cfg.null_class)]) if guided else cond_B
-    cache = model.new_cache() if use_cache else None
-    while ids.shape[1] < num_tokens:
-        logits = model.next_logits(torch.cat([ids, ids]) if guided else ids, cond, cache)  # (B or 2B, V)
+
+    def rows(x_BT: torch.Tensor) -> torch.Tensor:  # the model's batch: twice the images under CFG
+        return torch.cat([x_BT, x_BT]) if guided else x_BT
+
+    cache = model.new_cache(len(cond)) if use_cache else None
+    if use_cache:  # captured before the prefill (see _cached_step)
+        step = _cached_step(model, cache, cond_B.is_cuda if cuda_graph is None else cuda_graph, compile_step)
+    logits = model.next_logits(rows(ids), cond, cache)  # (B or 2B, V): the condition and the prefix
+    while True:
         if guided:
             logits = guided_logits(*logits.float().chunk(2), guidance)
         probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         ids = torch.cat([ids, nxt], dim=1)
-    return ids
+        if ids.shape[1] == num_tokens:
+            return ids
+        logits = step(rows(nxt), ids.shape[1]) if use_cache else model.next_logits(rows(ids), cond)
+
+
+def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: bool):
+    """``step(last_B1, pos) → logits (B, V)``: ``model.decode_step`` on static input tensors,
+    replayed from a CUDA graph if ``cuda_graph`` (PyTorch's "whole network capture" recipe: warm-up on
+    a side stream, capture, then copy the inputs in and replay). At AR-SIT's sizes one token's step
+    is a few hundred small kernels, so the GPU waits on Python launching them (RESULTS, "AR-SIT
+    sampling on an H100"); a graph launches them all at once.
+
+    The graph is captured before the prefill. Warm-up and capture run the step at position 1 and so
+    write keys there, but every position's keys are written again by the call that brings that
+    position before any query can read them (a query at p reads keys ≤ p).
+    """
+    fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile_step else model.decode_step
+    device = cache.k_LBhMd.device
+    last_B1 = torch.zeros(cache.k_LBhMd.shape[1], 1, dtype=torch.long, device=device)
+    pos_1 = torch.ones(1, dtype=torch.long, device=device)
+    if cuda_graph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # cuBLAS handles, autotuning and (compiled) code generation happen here, not in the capture
+                fn(last_B1, pos_1, cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_BV = fn(last_B1, pos_1, cache)
+
+    def step(last: torch.Tensor, pos: int) -> torch.Tensor:
+        last_B1.copy_(last)
+        pos_1.fill_(pos)
+        if cuda_graph:
+            graph.replay()
+            out = logits_BV
+        else:
+            out = fn(last_B1, pos_1, cache)
+        cache.length = pos + 1
+        return out
+
+    return step

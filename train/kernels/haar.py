@@ -1,15 +1,27 @@
-"""One level of the orthonormal 2-D Haar transform (pywavelets' ``'haar'`` layout), torch reference.
+"""The multi-level orthonormal 2-D Haar transform (pywavelets' ``'haar'`` layout): a torch reference
+and, behind the same functions, one fused Triton kernel per direction.
 
-For each 2×2 block ``[[a, b], [c, d]]``::
+``haar_dwt(x, L)`` returns ``[scale_0, scale_1, …, scale_L]``: ``scale_0`` the level-L
+approximation (B, C, H/2^L, W/2^L), ``scale_s`` the H|V|D details of level L-s+1 stacked on
+channels (B, 3C, …), coarse to fine — the layout of ``coarse2fine.preprocess.dwt`` (pywavelets).
+``haar_idwt(scales)`` inverts it (fewer scales give a coarser image). One level, for each 2×2
+block ``[[a, b], [c, d]]``::
 
     A = (a + b + c + d) / 2    H = (a + b - c - d) / 2
     V = (a - b + c - d) / 2    D = (a - b - c + d) / 2
 
-which is exactly ``pywt.dwt2(x, 'haar')`` (checked in tests). :func:`haar_level` and
-:func:`ihaar_level` run a Triton kernel on CUDA tensors (when Triton imports; not for float64, and
-not when ``kernels.force_reference`` asks for torch everywhere), the torch reference otherwise.
-The transform is orthonormal, so its adjoint is its inverse: the kernels' backward passes are the
-opposite kernels (``_HaarFn`` / ``_IHaarFn``), and training through them needs no saved tensors.
+which is exactly ``pywt.dwt2(x, 'haar')`` (checked in tests). The reference applies it level by
+level, so every level's approximation goes to memory and is read back. The Triton kernel fuses the
+levels: each program loads the 2^L × 2^L input patches under a few level-L pixels, runs every level
+in registers and writes each level's details once, so the DWT reads its input once and writes its
+output once (2 passes over the data instead of 8/3: the transform is memory-bound). The inverse
+mirrors it.
+
+Both run on CUDA tensors (when Triton imports; not for float64, and not when
+``kernels.force_reference`` asks for torch everywhere) and are ``torch.library.triton_op``
+operators, so ``torch.compile`` traces into the kernels instead of breaking the graph around them.
+The transform is orthonormal, so its adjoint is its inverse: each kernel's backward is the other
+kernel, with no saved tensors.
 """
 
 from __future__ import annotations
@@ -21,22 +33,31 @@ import torch
 from coarse2fine.train.kernels import use_kernel
 from coarse2fine.train.kernels.nearest_code import _on
 
-
-def haar_level(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (B, C, h, w)`` → ``(A (B, C, h/2, w/2), HVD (B, 3C, h/2, w/2))``, HVD = [H | V | D]."""
-    assert x_BChw.shape[-1] % 2 == 0 and x_BChw.shape[-2] % 2 == 0, f"odd size {tuple(x_BChw.shape)}"
-    return _HaarFn.apply(x_BChw) if x_BChw.dim() == 4 and use_kernel(x_BChw) else haar_level_reference(x_BChw)
+MAX_FUSED_LEVELS = 6  # output pointers of the kernels; deeper transforms take the reference
+PATCH_ELEMENTS = 2048  # input pixels per program (BLOCK_P patches of 4^L pixels; a memory-bound op)
 
 
-def ihaar_level(approx_BChw: torch.Tensor, hvd_B3Chw: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`haar_level`: ``(B, C, h, w)`` and ``(B, 3C, h, w)`` → ``(B, C, 2h, 2w)``."""
-    if approx_BChw.dim() == 4 and use_kernel(approx_BChw, hvd_B3Chw):
-        return _IHaarFn.apply(approx_BChw, hvd_B3Chw)
-    return ihaar_level_reference(approx_BChw, hvd_B3Chw)
+def haar_dwt(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """``x (B, C, H, W)`` → ``[A_L (B, C, H/2^L, W/2^L), HVD_L (B, 3C, …), …, HVD_1 (B, 3C, H/2, W/2)]``."""
+    assert x_BCHW.ndim == 4, f"expected (B, C, H, W), got {tuple(x_BCHW.shape)}"
+    assert levels >= 0, f"{levels} levels"
+    assert x_BCHW.shape[-1] % (1 << levels) == 0 and x_BCHW.shape[-2] % (1 << levels) == 0, (
+        f"odd size {tuple(x_BCHW.shape)} at some level of {levels}")
+    if 1 <= levels <= MAX_FUSED_LEVELS and use_kernel(x_BCHW):
+        return haar_dwt_triton(x_BCHW, levels)
+    return haar_dwt_reference(x_BCHW, levels)
+
+
+def haar_idwt(scales: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`haar_dwt` (any number of scales: fewer scales give a coarser image)."""
+    if 2 <= len(scales) <= MAX_FUSED_LEVELS + 1 and scales[0].ndim == 4 and use_kernel(*scales):
+        return haar_idwt_triton(scales)
+    return haar_idwt_reference(scales)
 
 
 def haar_level_reference(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference of :func:`haar_level`."""
+    """One level: ``x (B, C, h, w)`` → ``(A (B, C, h/2, w/2), HVD (B, 3C, h/2, w/2))``, HVD = [H | V | D]."""
+    assert x_BChw.shape[-1] % 2 == 0 and x_BChw.shape[-2] % 2 == 0, f"odd size {tuple(x_BChw.shape)}"
     a, b = x_BChw[..., 0::2, 0::2], x_BChw[..., 0::2, 1::2]
     c, d = x_BChw[..., 1::2, 0::2], x_BChw[..., 1::2, 1::2]
     approx = (a + b + c + d) * 0.5
@@ -45,7 +66,7 @@ def haar_level_reference(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def ihaar_level_reference(approx_BChw: torch.Tensor, hvd_B3Chw: torch.Tensor) -> torch.Tensor:
-    """The torch reference of :func:`ihaar_level`."""
+    """Inverse of one level: ``(B, C, h, w)`` and ``(B, 3C, h, w)`` → ``(B, C, 2h, 2w)``."""
     h_, v_, d_ = hvd_B3Chw.chunk(3, dim=1)
     A = approx_BChw
     B, C, h, w = A.shape
@@ -57,95 +78,195 @@ def ihaar_level_reference(approx_BChw: torch.Tensor, hvd_B3Chw: torch.Tensor) ->
     return out
 
 
-BLOCK = 1024  # output pixels per program (a memory-bound elementwise op)
+def haar_dwt_reference(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The torch reference of :func:`haar_dwt`: one level at a time."""
+    details, approx = [], x_BCHW
+    for _ in range(levels):
+        approx, hvd = haar_level_reference(approx)
+        details.append(hvd)
+    return [approx] + details[::-1]
 
 
-def haar_level_triton(x_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel of :func:`haar_level` (on CPU only under ``TRITON_INTERPRET=1``)."""
+def haar_idwt_reference(scales: list[torch.Tensor]) -> torch.Tensor:
+    """The torch reference of :func:`haar_idwt`."""
+    x = scales[0]
+    for hvd in scales[1:]:
+        x = ihaar_level_reference(x, hvd)
+    return x
+
+
+def haar_dwt_triton(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The fused kernel of :func:`haar_dwt` (on CPU only under ``TRITON_INTERPRET=1``)."""
+    return list(_dwt_op(x_BCHW, levels))
+
+
+def haar_idwt_triton(scales: list[torch.Tensor]) -> torch.Tensor:
+    """The fused kernel of :func:`haar_idwt`."""
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scales])  # as the reference's arithmetic
+    return _idwt_op(scales[0].to(dtype), [s.to(dtype) for s in scales[1:]])
+
+
+def _launch(x: torch.Tensor, levels: int):
+    """Grid and tile of a fused launch whose level-L approximation is like ``x``'s."""
     import triton
 
-    x = x_BChw.contiguous()
-    B, C, h, w = x.shape
-    approx = x.new_empty(B, C, h // 2, w // 2)
-    hvd = x.new_empty(B, 3 * C, h // 2, w // 2)
-    n = approx.numel()
+    side = 1 << levels
+    block_p = max(1, PATCH_ELEMENTS // (side * side))
+    return (triton.cdiv(x.numel(), block_p),), dict(LEVELS=levels, SIDE=side, BLOCK_P=block_p,
+                                                     num_warps=8 if side * side * block_p >= 4096 else 4)
+
+
+def _pointers(details: list[torch.Tensor], filler: torch.Tensor) -> list[torch.Tensor]:
+    """``details`` finest first, padded to MAX_FUSED_LEVELS (unused pointers are never touched)."""
+    return details + [filler] * (MAX_FUSED_LEVELS - len(details))
+
+
+@torch.library.triton_op("coarse2fine::haar_dwt", mutates_args=())
+def _dwt_op(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The fused DWT as an operator (registered at import like any ``torch.library`` op; its kernels
+    are decorated on first run, so ``TRITON_INTERPRET`` is read then)."""
+    from torch.library import wrap_triton
+
+    x = x.contiguous()
+    B, C, H, W = x.shape
+    approx = x.new_empty(B, C, H >> levels, W >> levels)
+    details = [x.new_empty(B, 3 * C, H >> lv, W >> lv) for lv in range(1, levels + 1)]  # finest first
+    grid, meta = _launch(approx, levels)
     with _on(x.device):
-        _kernels()[0][(triton.cdiv(n, BLOCK),)](x, approx, hvd, n, C, h // 2, w // 2, BLOCK=BLOCK)
-    return approx, hvd
+        wrap_triton(_kernels()[0])[grid](x, approx, *_pointers(details, approx), approx.numel(), C,
+                                         H >> levels, W >> levels, **meta)
+    return [approx] + details[::-1]
 
 
-def ihaar_level_triton(approx_BChw: torch.Tensor, hvd_B3Chw: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel of :func:`ihaar_level`."""
-    import triton
+@torch.library.triton_op("coarse2fine::haar_idwt", mutates_args=())
+def _idwt_op(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
+    """The fused inverse as an operator (as :func:`_dwt_op`)."""
+    from torch.library import wrap_triton
 
-    dtype = torch.promote_types(approx_BChw.dtype, hvd_B3Chw.dtype)  # as the reference's arithmetic
-    a, hvd = approx_BChw.to(dtype).contiguous(), hvd_B3Chw.to(dtype).contiguous()
-    B, C, h, w = a.shape
-    out = a.new_empty(B, C, 2 * h, 2 * w)
-    n = a.numel()
-    with _on(a.device):
-        _kernels()[1][(triton.cdiv(n, BLOCK),)](a, hvd, out, n, C, h, w, BLOCK=BLOCK)
+    approx, levels = approx.contiguous(), len(details)
+    finest_first = [d.contiguous() for d in details[::-1]]
+    B, C, h, w = approx.shape
+    assert all(d.shape == (B, 3 * C, h << (levels - 1 - i), w << (levels - 1 - i)) for i, d in enumerate(finest_first)), (
+        f"scales {[tuple(d.shape) for d in details]} do not follow an approximation of {tuple(approx.shape)}")
+    out = approx.new_empty(B, C, h << levels, w << levels)
+    grid, meta = _launch(approx, levels)
+    with _on(approx.device):
+        wrap_triton(_kernels()[1])[grid](approx, out, *_pointers(finest_first, approx), approx.numel(), C, h, w, **meta)
     return out
 
 
-class _HaarFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return haar_level_triton(x)
-
-    @staticmethod
-    def backward(ctx, grad_approx, grad_hvd):  # adjoint of an orthonormal map = its inverse
-        return ihaar_level_triton(grad_approx, grad_hvd)
+def _dwt_setup(ctx, inputs, output):
+    ctx.like = [o.new_empty(()).expand(o.shape) for o in output]  # shapes for outputs that get no gradient
 
 
-class _IHaarFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, approx, hvd):
-        return ihaar_level_triton(approx, hvd)
+def _dwt_backward(ctx, grads):  # adjoint of an orthonormal map = its inverse
+    grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, ctx.like)]
+    return _idwt_op(grads[0], grads[1:]), None
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return haar_level_triton(grad_out)
+
+def _idwt_setup(ctx, inputs, output):
+    ctx.levels = len(inputs[1])
+
+
+def _idwt_backward(ctx, grad):
+    scales = _dwt_op(grad, ctx.levels)
+    return scales[0], scales[1:]
+
+
+_dwt_op.register_autograd(_dwt_backward, setup_context=_dwt_setup)
+_idwt_op.register_autograd(_idwt_backward, setup_context=_idwt_setup)
 
 
 @functools.cache
 def _kernels():
-    """(forward, inverse) kernels, decorated on first use (``TRITON_INTERPRET`` is read then)."""
+    """(forward, inverse) fused kernels, decorated on first use (``TRITON_INTERPRET`` is read then).
+
+    A program owns ``BLOCK_P`` consecutive level-L pixels (flat index into A (B, C, h, w)) and their
+    ``SIDE × SIDE`` input patches (SIDE = 2^L). One level on a (P, s, s) patch stack: view it as
+    (P, s/2, 2, s/2, 2), move the two parities last and split them into a, b, c, d (P, s/2, s/2).
+    The inverse joins them back. Helpers are written inline: Triton's interpreter runs a kernel in
+    its module's globals, where functions defined here would not be found.
+    """
     import triton
     import triton.language as tl
 
     @triton.jit
-    def forward(x_ptr, a_ptr, hvd_ptr, n, C, h2, w2, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into A (B, C, h2, w2)
-        m = i < n
-        bc, rem = i // (h2 * w2), i % (h2 * w2)
-        y, x = rem // w2, rem % w2
-        top = bc * (4 * h2 * w2) + (2 * y) * (2 * w2) + 2 * x  # the 2×2 block's top-left in x
-        a = tl.load(x_ptr + top, mask=m)
-        b = tl.load(x_ptr + top + 1, mask=m)
-        c = tl.load(x_ptr + top + 2 * w2, mask=m)
-        d = tl.load(x_ptr + top + 2 * w2 + 1, mask=m)
-        tl.store(a_ptr + i, (a + b + c + d) * 0.5, mask=m)
-        band = ((bc // C) * 3 * C + bc % C) * (h2 * w2) + rem  # H of this channel; V, D are C channels on
-        tl.store(hvd_ptr + band, (a + b - c - d) * 0.5, mask=m)
-        tl.store(hvd_ptr + band + C * h2 * w2, (a - b + c - d) * 0.5, mask=m)
-        tl.store(hvd_ptr + band + 2 * C * h2 * w2, (a - b - c + d) * 0.5, mask=m)
+    def forward(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w,
+                LEVELS: tl.constexpr, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (P,) level-L pixels
+        m = p < n
+        bc, rem = p // (h * w), p % (h * w)
+        py, px = rem // w, rem % w
+        i = tl.arange(0, SIDE)
+        off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
+               + px[:, None, None] * SIDE + i[None, None, :])  # (P, SIDE, SIDE) input patches
+        x = tl.load(x_ptr + off, mask=m[:, None, None])
+        for lv in tl.static_range(1, LEVELS + 1):
+            half: tl.constexpr = SIDE >> lv
+            x = tl.permute(tl.reshape(x, (BLOCK_P, half, 2, half, 2)), (0, 1, 3, 2, 4))  # (P, half, half, row, col)
+            left, right = tl.split(x)  # by column parity: each (P, half, half, row)
+            a, c = tl.split(left)
+            b, d = tl.split(right)
+            j = tl.arange(0, half)  # offsets (P, half, half) of the H band of this level's map under each patch
+            band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)  # (P,): channel c of image b's H band
+            doff = band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half) + px[:, None, None] * half + j[None, None, :]
+            band = C * (h * half) * (w * half)  # from H to V, V to D
+            if lv == 1:  # lv is a compile-time constant: this picks the level's output pointer statically
+                dst = d1
+            elif lv == 2:
+                dst = d2
+            elif lv == 3:
+                dst = d3
+            elif lv == 4:
+                dst = d4
+            elif lv == 5:
+                dst = d5
+            else:
+                dst = d6
+            mm = m[:, None, None]
+            tl.store(dst + doff, (a + b - c - d) * 0.5, mask=mm)
+            tl.store(dst + doff + band, (a - b + c - d) * 0.5, mask=mm)
+            tl.store(dst + doff + 2 * band, (a - b - c + d) * 0.5, mask=mm)
+            x = (a + b + c + d) * 0.5  # (P, half, half): the next level's input
+        tl.store(a_ptr + p, tl.reshape(x, (BLOCK_P,)), mask=m)
 
     @triton.jit
-    def inverse(a_ptr, hvd_ptr, out_ptr, n, C, h, w, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into A (B, C, h, w)
-        m = i < n
-        bc, rem = i // (h * w), i % (h * w)
-        y, x = rem // w, rem % w
-        band = ((bc // C) * 3 * C + bc % C) * (h * w) + rem
-        A = tl.load(a_ptr + i, mask=m)
-        H = tl.load(hvd_ptr + band, mask=m)
-        V = tl.load(hvd_ptr + band + C * h * w, mask=m)
-        D = tl.load(hvd_ptr + band + 2 * C * h * w, mask=m)
-        top = bc * (4 * h * w) + (2 * y) * (2 * w) + 2 * x
-        tl.store(out_ptr + top, (A + H + V + D) * 0.5, mask=m)
-        tl.store(out_ptr + top + 1, (A + H - V - D) * 0.5, mask=m)
-        tl.store(out_ptr + top + 2 * w, (A - H + V - D) * 0.5, mask=m)
-        tl.store(out_ptr + top + 2 * w + 1, (A - H - V + D) * 0.5, mask=m)
+    def inverse(a_ptr, out_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w,
+                LEVELS: tl.constexpr, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        m = p < n
+        bc, rem = p // (h * w), p % (h * w)
+        py, px = rem // w, rem % w
+        x = tl.reshape(tl.load(a_ptr + p, mask=m), (BLOCK_P, 1, 1))
+        for k in tl.static_range(LEVELS):
+            lv: tl.constexpr = LEVELS - k  # coarsest first
+            half: tl.constexpr = SIDE >> lv
+            j = tl.arange(0, half)  # as in forward
+            band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)
+            doff = band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half) + px[:, None, None] * half + j[None, None, :]
+            band = C * (h * half) * (w * half)
+            if lv == 1:
+                src = d1
+            elif lv == 2:
+                src = d2
+            elif lv == 3:
+                src = d3
+            elif lv == 4:
+                src = d4
+            elif lv == 5:
+                src = d5
+            else:
+                src = d6
+            mm = m[:, None, None]
+            H = tl.load(src + doff, mask=mm)
+            V = tl.load(src + doff + band, mask=mm)
+            D = tl.load(src + doff + 2 * band, mask=mm)
+            top = tl.join((x + H + V + D) * 0.5, (x + H - V - D) * 0.5)  # (P, half, half, col 2)
+            bottom = tl.join((x - H + V - D) * 0.5, (x - H - V + D) * 0.5)
+            x = tl.reshape(tl.permute(tl.join(top, bottom), (0, 1, 4, 2, 3)), (BLOCK_P, 2 * half, 2 * half))
+        i = tl.arange(0, SIDE)
+        off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
+               + px[:, None, None] * SIDE + i[None, None, :])
+        tl.store(out_ptr + off, x, mask=m[:, None, None])
 
     return forward, inverse

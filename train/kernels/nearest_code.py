@@ -64,17 +64,7 @@ def nearest_code_triton(z_ND: torch.Tensor, codes_KD: torch.Tensor, metric: str,
     128 codes × 32 dims, 4 warps, 64 rows for short codes and 32 for long ones."""
     if block_n is None:
         block_n = 64 if z_ND.shape[1] <= SHORT_CODES else 32
-    import triton
-
-    z, c = z_ND.float().contiguous(), codes_KD.float().contiguous()
-    (N, D), K = z.shape, c.shape[0]
-    assert K > 0, "an empty codebook"
-    norms = c.pow(2).sum(-1).contiguous()  # (K,): O(K) memory
-    out = torch.empty(N, dtype=torch.int64, device=z.device)
-    with _on(z.device):
-        _kernel()[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, metric == "euclidean",
-                                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
-    return out
+    return _nearest_op(z_ND.float(), codes_KD.float(), metric == "euclidean", block_n, block_k, block_d, num_warps)
 
 
 def _on(device: torch.device):
@@ -82,6 +72,25 @@ def _on(device: torch.device):
     import contextlib
 
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.library.triton_op("coarse2fine::nearest_code", mutates_args=())
+def _nearest_op(z: torch.Tensor, c: torch.Tensor, euclidean: bool, block_n: int, block_k: int, block_d: int,
+                num_warps: int) -> torch.Tensor:
+    """The kernel as an operator, so ``torch.compile`` traces into it (registered at import like any
+    ``torch.library`` op; the kernel itself is decorated on first run)."""
+    import triton
+    from torch.library import wrap_triton
+
+    z, c = z.contiguous(), c.contiguous()
+    (N, D), K = z.shape, c.shape[0]
+    assert K > 0, "an empty codebook"
+    norms = c.pow(2).sum(-1)  # (K,): O(K) memory
+    out = torch.empty(N, dtype=torch.int64, device=z.device)
+    with _on(z.device):
+        wrap_triton(_kernel())[(triton.cdiv(N, block_n),)](z, c, norms, out, N, K, D, euclidean, BLOCK_N=block_n,
+                                                          BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+    return out
 
 
 @functools.cache

@@ -68,7 +68,7 @@ class CARTAR(GeneratorMethod):
         g = torch.Generator(classes_B.device).manual_seed(seed)
         cond = torch.cat([classes_B, torch.full_like(classes_B, cfg.null_class)]) if guided else classes_B
         forced = tokenizer.split(prefix) if prefix is not None else []
-        cache, f_hat, maps, x = generator.new_cache(), tokenizer.empty_features(B), [], None
+        cache, f_hat, maps, x = generator.new_cache(len(cond)), tokenizer.empty_features(B), [], None
         for m, side in enumerate(cfg.map_sides):
             logits = generator.map_logits(m, None if m == 0 else torch.cat([x, x]) if guided else x, cond, cache).float()
             if guided:

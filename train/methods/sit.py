@@ -16,7 +16,7 @@ from coarse2fine.preprocess.schema import TokenColumn
 from coarse2fine.train.methods.base import TokenizerMethod, check, params_section
 from coarse2fine.train.models.sit import SITConfig, build_tokenizer
 
-TOKENIZER_CODE = ("train.models.sit", "train.models.blocks", "train.models.quantizer", "train.models.dwt",
+TOKENIZER_CODE = ("train.models.sit", "train.models.blocks", "train.models.quantizer",
                   "train.kernels.haar", "train.models.discriminator", "train.losses")
 MIN_EVAL_SIDE = 8  # px: the baseline's reconstruction table stops there (a 1-px image says nothing)
 

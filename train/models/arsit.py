@@ -89,17 +89,15 @@ class ARSIT(nn.Module):
         assert int(cond_B.min()) >= 0 and int(cond_B.max()) <= self.cfg.num_classes, "class id out of range"
         return self.cls_emb(cond_B)[:, None]
 
-    def _embed_tokens(self, ids_BT: torch.Tensor, first: int) -> torch.Tensor:
-        """Embeddings of tokens ``first … first+T-1`` with their scales' tables (B, T, C)."""
-        scale_T = torch.arange(first, first + ids_BT.shape[1], device=ids_BT.device) // self.cfg.tokens_per_scale
-        return self.tok_emb(ids_BT + self._offsets[scale_T])
+    def _embed_tokens(self, ids_BT: torch.Tensor, tok_pos_T: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the tokens at sequence positions ``tok_pos_T`` with their scales' tables (B, T, C)."""
+        return self.tok_emb(ids_BT + self._offsets[tok_pos_T // self.cfg.tokens_per_scale])
 
-    def _trunk(self, x_BTC: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        x_BTC = x_BTC + self.pos[start: start + x_BTC.shape[1]]
+    def _trunk(self, x_BTC: torch.Tensor, pos_T: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The decoder over inputs at positions ``pos_T`` (with a cache: after the positions it holds)."""
+        x_BTC = x_BTC + self.pos[pos_T]
         for i, blk in enumerate(self.blocks):
-            x_BTC = blk(x_BTC, cache, i)
-        if cache is not None:
-            cache.length += x_BTC.shape[1]
+            x_BTC = blk(x_BTC, cache, i, pos_T=pos_T)
         return self.ln_f(x_BTC)
 
     def _logits(self, h_BTC: torch.Tensor, first: int) -> torch.Tensor:
@@ -117,27 +115,40 @@ class ARSIT(nn.Module):
         """Teacher forcing: logits (B, T, V) of tokens 0…T-1 given the condition and tokens < t."""
         B, T = ids_BT.shape
         assert T <= self.cfg.seq_len, f"sequence of {T} tokens, model has {self.cfg.seq_len}"
-        x = torch.cat([self.condition(cond_B), self._embed_tokens(ids_BT[:, : T - 1], 0)], dim=1)  # (B, T, C)
-        return self._logits(self._trunk(x, 0, None), 0)
+        pos_T = torch.arange(T, device=ids_BT.device)
+        x = torch.cat([self.condition(cond_B), self._embed_tokens(ids_BT[:, : T - 1], pos_T[: T - 1])], dim=1)  # (B, T, C)
+        return self._logits(self._trunk(x, pos_T, None), 0)
 
     def next_logits(self, ids_Bt: torch.Tensor, cond_B: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, V) of token t = ``ids_Bt.shape[1]``. With a cache, only inputs it has not seen
         are run (the whole prefix on the first call, then one token per call)."""
         t = ids_Bt.shape[1]
         assert t < self.cfg.seq_len, "the sequence is complete"
-        seen = cache.length if cache is not None else 0
-        parts = []
-        if seen == 0:
-            parts.append(self.condition(cond_B))
-            seen = 1
-        if t >= seen:  # input position i holds token i-1
-            parts.append(self._embed_tokens(ids_Bt[:, seen - 1: t], seen - 1))
         start = cache.length if cache is not None else 0
-        h = self._trunk(torch.cat(parts, dim=1), start, cache)
+        parts, seen = [], max(start, 1)
+        if start == 0:
+            parts.append(self.condition(cond_B))
+        if t >= seen:  # input position i holds token i-1
+            parts.append(self._embed_tokens(ids_Bt[:, seen - 1: t], torch.arange(seen - 1, t, device=ids_Bt.device)))
+        x = torch.cat(parts, dim=1)  # (B, T, C)
+        h = self._trunk(x, torch.arange(start, start + x.shape[1], device=x.device), cache)
+        if cache is not None:
+            cache.length += x.shape[1]
         return self._logits(h[:, -1:], t)[:, 0]
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+    def decode_step(self, last_B1: torch.Tensor, pos_1: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One cached step with tensor inputs only: token ``pos - 1`` (``last_B1``) at input position
+        ``pos_1`` (≥ 1) → logits (B, V) of token ``pos``. Shapes do not depend on the position and
+        nothing leaves the device, so ``sampling`` can capture it in a CUDA graph; the caller keeps
+        ``cache.length``."""
+        h = self._trunk(self._embed_tokens(last_B1, pos_1 - 1), pos_1, cache)  # (B, 1, C)
+        s_1 = pos_1 // self.cfg.tokens_per_scale  # the scale of the predicted token: its head (§4.2)
+        return (h @ self.head_w[s_1] + self.head_b[s_1])[:, 0]  # (B, 1, C) @ (1, C, V) → (B, V)
+
+    def new_cache(self, batch: int) -> KVCache:
+        p = self.pos
+        return KVCache(len(self.blocks), batch, self.blocks[0].heads, self.cfg.seq_len,
+                       p.shape[1] // self.blocks[0].heads, p.dtype, p.device)
 
 
 def build_generator(cfg: ARSITConfig) -> ARSIT:

@@ -111,22 +111,31 @@ class Transformer(nn.Module):
 
 
 class KVCache:
-    """Keys/values of every layer for the input positions seen so far; ``length`` = how many."""
+    """Preallocated keys/values of every layer for ``max_len`` input positions (gpt-fast's static
+    cache): each call writes its keys and values in place at its positions, and attention reads the
+    whole buffer under a mask, so a one-token step has the same shapes at every position and can be
+    captured by a CUDA graph (``sampling.sample_tokens``). ``length`` = positions written so far,
+    kept by the callers (a captured step must not change Python state)."""
 
-    def __init__(self, depth: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * depth
-        self.v: list[torch.Tensor | None] = [None] * depth
+    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.k_LBhMd = torch.zeros(depth, batch, heads, max_len, head_size, dtype=dtype, device=device)
+        self.v_LBhMd = torch.zeros_like(self.k_LBhMd)
         self.length = 0
 
-    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is not None:
-            k_BhTd = torch.cat([self.k[layer], k_BhTd], dim=2)
-            v_BhTd = torch.cat([self.v[layer], v_BhTd], dim=2)
-        self.k[layer], self.v[layer] = k_BhTd, v_BhTd
-        return k_BhTd, v_BhTd
+    @property
+    def max_len(self) -> int:
+        return self.k_LBhMd.shape[3]
+
+    def write(self, layer: int, pos_T: torch.Tensor, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys/values of positions ``pos_T``; returns the layer's whole buffers (B, nh, max_len, hs)."""
+        self.k_LBhMd[layer].index_copy_(2, pos_T, k_BhTd.to(self.k_LBhMd.dtype))
+        self.v_LBhMd[layer].index_copy_(2, pos_T, v_BhTd.to(self.v_LBhMd.dtype))
+        return self.k_LBhMd[layer], self.v_LBhMd[layer]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return 2 * self.k_LBhMd.numel() * self.k_LBhMd.element_size()
 
 
 class AttentionBlock(nn.Module):
@@ -145,30 +154,31 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None, causal_sizes: tuple[int, ...] | None = None) -> torch.Tensor:
-        """``mask`` (T, past + T) bool, True = may attend, replaces the token-causal rule (CART's
-        block-causal maps); with a cache it covers the cached keys and the new ones. Without a cache,
-        ``causal_sizes`` (the blocks' token counts) gives the block-causal rule instead, served by
-        ``block_causal_attention``."""
+                mask: torch.Tensor | None = None, causal_sizes: tuple[int, ...] | None = None,
+                pos_T: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (T, keys) bool, True = may attend, replaces the token-causal rule (CART's
+        block-causal maps); with a cache its keys are the cache's ``max_len`` positions. Without a
+        cache, ``causal_sizes`` (the blocks' token counts) gives the block-causal rule instead, served
+        by ``block_causal_attention``. With a cache, ``pos_T`` are the input positions of the T new
+        tokens (a tensor, so a captured step can take a new position each replay)."""
         B, T, C = x_BTC.shape
         qkv = self.qkv(self.ln1(x_BTC)).reshape(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         q, k = self.q_norm(q), self.k_norm(k)
         assert self.causal or cache is None, "a KV cache serves causal attention only"
-        past = cache.length if cache is not None else 0
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
-        if causal_sizes is not None:
-            assert cache is None and mask is None, "causal_sizes covers a whole sequence without a cache"
+            assert pos_T is not None and causal_sizes is None, "a cached call needs its positions"
+            k, v = cache.write(layer, pos_T, k, v)  # (B, nh, max_len, hs)
+            if mask is None:  # new queries at positions pos_T see keys 0..their own position
+                mask = torch.arange(cache.max_len, device=x_BTC.device)[None, :] <= pos_T[:, None]  # (T, max_len)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        elif causal_sizes is not None:
+            assert mask is None, "causal_sizes replaces the mask"
             y = block_causal_attention(q, k, v, causal_sizes)
         elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif past == 0:
+        else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:  # new queries at positions past..past+T-1 see keys 0..their own position
-            pos_q = torch.arange(past, past + T, device=x_BTC.device)
-            causal = torch.arange(past + T, device=x_BTC.device)[None, :] <= pos_q[:, None]  # (T, past+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
         x_BTC = x_BTC + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x_BTC + self.mlp(self.ln2(x_BTC))
 

@@ -88,8 +88,9 @@ class CARTAR(nn.Module):
         block-causal ``causal_sizes`` (teacher forcing over the whole sequence)."""
         T = x_BTC.shape[1]
         x_BTC = x_BTC + self.pos[first: first + T] + self.lvl_emb(self.level[first: first + T])
+        pos_T = torch.arange(first, first + T, device=x_BTC.device) if cache is not None else None
         for i, blk in enumerate(self.blocks):
-            x_BTC = blk(x_BTC, cache, i, mask, causal_sizes)
+            x_BTC = blk(x_BTC, cache, i, mask, causal_sizes, pos_T)
         if cache is not None:
             cache.length += T
         return self.head(self.ln_f(x_BTC))
@@ -108,11 +109,12 @@ class CARTAR(nn.Module):
         assert cache.length == first, f"the cache holds {cache.length} positions, map {m} starts at {first}"
         x = self._start_map(cond_B) if m == 0 else self.word_embed(input_BTC)  # (B, s_m², C)
         T = x.shape[1]
-        mask = block_causal_mask(self.cfg.map_sizes, x.device)[first: first + T, : first + T]  # (T, first+T): maps <= m
+        mask = block_causal_mask(self.cfg.map_sizes, x.device)[first: first + T]  # (T, L): maps <= m
         return self._trunk(x, first, cache, mask=mask)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+    def new_cache(self, batch: int) -> KVCache:
+        p, heads = self.pos, self.blocks[0].heads
+        return KVCache(len(self.blocks), batch, heads, self.cfg.seq_len, p.shape[1] // heads, p.dtype, p.device)
 
 
 def build_cart_ar(cfg: CARTARConfig) -> CARTAR:

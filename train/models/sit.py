@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from coarse2fine.train.models.blocks import Transformer, _grouped
-from coarse2fine.train.models.dwt import haar_dwt, haar_idwt
+from coarse2fine.train.kernels.haar import haar_dwt, haar_idwt
 from coarse2fine.train.models.quantizer import FactorizedVQ
 
 # DiT-style named sizes (ViT-VQGAN's small/base/large, seed B.1/B.2); "tiny" for tests on CPU.
