@@ -2,6 +2,7 @@
 # The GPU checks, run on a lent CUDA machine (the device tool) from the repository root:
 #
 #     bash benchmarks/gpu_checks.sh [STEP...]   # steps: tests kernels sweep attention steps sit arsit
+#                                              # (ARGS_steps="--methods sit" passes arguments to the steps step)
 #                                              # (default: all but sweep)
 #
 # The machine has torch and Triton but none of our other dependencies, and no network: the few
@@ -36,7 +37,7 @@ for step in $steps; do
         kernels) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.md" ;;
         sweep) python3 benchmarks/bench_kernels.py --sweep 2>&1 | tee "$OUT/bench_kernels_sweep.md" ;;
         attention) python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.md" ;;
-        steps) python3 benchmarks/bench_train_step.py 2>&1 | tee "$OUT/bench_train_step.md" ;;
+        steps) python3 benchmarks/bench_train_step.py ${ARGS_steps:-} 2>&1 | tee "$OUT/bench_train_step.md" ;;
         sit) python3 benchmarks/bench_sit.py --device cuda 2>&1 | tee "$OUT/bench_sit.md" ;;
         arsit) python3 benchmarks/bench_arsit.py --device cuda 2>&1 | tee "$OUT/bench_arsit.md" ;;
         *) echo "unknown step $step" ;;

@@ -24,9 +24,7 @@ The transform is orthonormal, so its adjoint is its inverse: each kernel's backw
 kernel, with no saved tensors.
 """
 
-from __future__ import annotations
-
-import functools
+import functools  # no `from __future__ import annotations`: Triton's interpreter finds constexpr parameters by their annotation object
 
 import torch
 
@@ -112,7 +110,7 @@ def _launch(x: torch.Tensor, levels: int):
 
     side = 1 << levels
     block_p = max(1, PATCH_ELEMENTS // (side * side))
-    return (triton.cdiv(x.numel(), block_p),), dict(LEVELS=levels, SIDE=side, BLOCK_P=block_p,
+    return (triton.cdiv(x.numel(), block_p),), dict(SIDE=side, BLOCK_P=block_p,
                                                      num_warps=8 if side * side * block_p >= 4096 else 4)
 
 
@@ -184,89 +182,90 @@ def _kernels():
     A program owns ``BLOCK_P`` consecutive level-L pixels (flat index into A (B, C, h, w)) and their
     ``SIDE × SIDE`` input patches (SIDE = 2^L). One level on a (P, s, s) patch stack: view it as
     (P, s/2, 2, s/2, 2), move the two parities last and split them into a, b, c, d (P, s/2, s/2).
-    The inverse joins them back. Helpers are written inline: Triton's interpreter runs a kernel in
-    its module's globals, where functions defined here would not be found.
+    The inverse joins them back. The levels are the powers of two ``half`` in a ``static_range``
+    over 1 … SIDE−1 (the others generate no code): a per-level constant must be a loop variable,
+    because compiled Triton refuses to reassign an annotated constexpr in an unrolled loop and the
+    interpreter turns unannotated integer arithmetic into tensors, which shapes refuse. Helpers are
+    written inline: the interpreter runs a kernel in its module's globals, where functions defined
+    here would not be found.
     """
     import triton
     import triton.language as tl
 
     @triton.jit
-    def forward(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w,
-                LEVELS: tl.constexpr, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+    def forward(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (P,) level-L pixels
-        m = p < n
+        m, mm = p < n, (p < n)[:, None, None]
         bc, rem = p // (h * w), p % (h * w)
         py, px = rem // w, rem % w
         i = tl.arange(0, SIDE)
         off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
                + px[:, None, None] * SIDE + i[None, None, :])  # (P, SIDE, SIDE) input patches
-        x = tl.load(x_ptr + off, mask=m[:, None, None])
-        for lv in tl.static_range(1, LEVELS + 1):
-            half: tl.constexpr = SIDE >> lv
-            x = tl.permute(tl.reshape(x, (BLOCK_P, half, 2, half, 2)), (0, 1, 3, 2, 4))  # (P, half, half, row, col)
-            left, right = tl.split(x)  # by column parity: each (P, half, half, row)
-            a, c = tl.split(left)
-            b, d = tl.split(right)
-            j = tl.arange(0, half)  # offsets (P, half, half) of the H band of this level's map under each patch
-            band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)  # (P,): channel c of image b's H band
-            doff = band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half) + px[:, None, None] * half + j[None, None, :]
-            band = C * (h * half) * (w * half)  # from H to V, V to D
-            if lv == 1:  # lv is a compile-time constant: this picks the level's output pointer statically
-                dst = d1
-            elif lv == 2:
-                dst = d2
-            elif lv == 3:
-                dst = d3
-            elif lv == 4:
-                dst = d4
-            elif lv == 5:
-                dst = d5
-            else:
-                dst = d6
-            mm = m[:, None, None]
-            tl.store(dst + doff, (a + b - c - d) * 0.5, mask=mm)
-            tl.store(dst + doff + band, (a - b + c - d) * 0.5, mask=mm)
-            tl.store(dst + doff + 2 * band, (a - b - c + d) * 0.5, mask=mm)
-            x = (a + b + c + d) * 0.5  # (P, half, half): the next level's input
+        x = tl.load(x_ptr + off, mask=mm)
+        for half in tl.static_range(SIDE - 1, 0, -1):  # the levels: half = SIDE/2, SIDE/4, …, 1 (module docstring)
+            if (half & (half - 1)) == 0:
+                x = tl.permute(tl.reshape(x, (BLOCK_P, half, 2, half, 2)), (0, 1, 3, 2, 4))  # (P, half, half, row, col)
+                left, right = tl.split(x)  # by column parity: each (P, half, half, row)
+                a, c = tl.split(left)
+                b, d = tl.split(right)
+                j = tl.arange(0, half)  # offsets (P, half, half) of the H band of this level's map under each patch
+                band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)  # (P,): channel c of image b's H band
+                doff = (band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
+                        + px[:, None, None] * half + j[None, None, :])
+                band = C * (h * half) * (w * half)  # from H to V, V to D
+                if 2 * half == SIDE:  # the level's output (static: half and SIDE are compile-time constants)
+                    dst = d1
+                elif 4 * half == SIDE:
+                    dst = d2
+                elif 8 * half == SIDE:
+                    dst = d3
+                elif 16 * half == SIDE:
+                    dst = d4
+                elif 32 * half == SIDE:
+                    dst = d5
+                else:
+                    dst = d6
+                tl.store(dst + doff, (a + b - c - d) * 0.5, mask=mm)
+                tl.store(dst + doff + band, (a - b + c - d) * 0.5, mask=mm)
+                tl.store(dst + doff + 2 * band, (a - b - c + d) * 0.5, mask=mm)
+                x = (a + b + c + d) * 0.5  # (P, half, half): the next level's input
         tl.store(a_ptr + p, tl.reshape(x, (BLOCK_P,)), mask=m)
 
     @triton.jit
-    def inverse(a_ptr, out_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w,
-                LEVELS: tl.constexpr, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+    def inverse(a_ptr, out_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        m = p < n
+        m, mm = p < n, (p < n)[:, None, None]
         bc, rem = p // (h * w), p % (h * w)
         py, px = rem // w, rem % w
         x = tl.reshape(tl.load(a_ptr + p, mask=m), (BLOCK_P, 1, 1))
-        for k in tl.static_range(LEVELS):
-            lv: tl.constexpr = LEVELS - k  # coarsest first
-            half: tl.constexpr = SIDE >> lv
-            j = tl.arange(0, half)  # as in forward
-            band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)
-            doff = band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half) + px[:, None, None] * half + j[None, None, :]
-            band = C * (h * half) * (w * half)
-            if lv == 1:
-                src = d1
-            elif lv == 2:
-                src = d2
-            elif lv == 3:
-                src = d3
-            elif lv == 4:
-                src = d4
-            elif lv == 5:
-                src = d5
-            else:
-                src = d6
-            mm = m[:, None, None]
-            H = tl.load(src + doff, mask=mm)
-            V = tl.load(src + doff + band, mask=mm)
-            D = tl.load(src + doff + 2 * band, mask=mm)
-            top = tl.join((x + H + V + D) * 0.5, (x + H - V - D) * 0.5)  # (P, half, half, col 2)
-            bottom = tl.join((x - H + V - D) * 0.5, (x - H - V + D) * 0.5)
-            x = tl.reshape(tl.permute(tl.join(top, bottom), (0, 1, 4, 2, 3)), (BLOCK_P, 2 * half, 2 * half))
+        for half in tl.static_range(1, SIDE):  # half = 1, 2, …, SIDE/2: coarsest level first
+            if (half & (half - 1)) == 0:
+                j = tl.arange(0, half)  # as in forward
+                band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)
+                doff = (band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
+                        + px[:, None, None] * half + j[None, None, :])
+                band = C * (h * half) * (w * half)
+                if 2 * half == SIDE:
+                    src = d1
+                elif 4 * half == SIDE:
+                    src = d2
+                elif 8 * half == SIDE:
+                    src = d3
+                elif 16 * half == SIDE:
+                    src = d4
+                elif 32 * half == SIDE:
+                    src = d5
+                else:
+                    src = d6
+                H = tl.load(src + doff, mask=mm)
+                V = tl.load(src + doff + band, mask=mm)
+                D = tl.load(src + doff + 2 * band, mask=mm)
+                top = tl.join((x + H + V + D) * 0.5, (x + H - V - D) * 0.5)  # (P, half, half, col 2)
+                bottom = tl.join((x - H + V - D) * 0.5, (x - H - V + D) * 0.5)
+                x = tl.reshape(tl.permute(tl.join(top, bottom), (0, 1, 4, 2, 3)), (BLOCK_P, 2 * half, 2 * half))
         i = tl.arange(0, SIDE)
         off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
                + px[:, None, None] * SIDE + i[None, None, :])
-        tl.store(out_ptr + off, x, mask=m[:, None, None])
+        tl.store(out_ptr + off, x, mask=mm)
 
     return forward, inverse
