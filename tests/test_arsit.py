@@ -43,6 +43,15 @@ def test_kv_cache_gives_the_same_tokens(guidance, top_k, top_p):
         torch.testing.assert_close(m.next_logits(ids[:, :t], cond, cache), full[:, t], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("num_tokens, prefix", [(1, 0), (2, 0), (N + 1, 0), (N + 1, 2), (2 * N, N)])
+def test_early_stops_size_the_cache_to_their_tokens_and_sample_as_the_reference(num_tokens, prefix):
+    m, cond = model(), torch.tensor([1, C])
+    pre = torch.randint(0, V, (2, prefix))
+    runs = [sample_tokens(m, cond, num_tokens, pre, guidance=2.0, generator=torch.Generator().manual_seed(5),
+                          use_cache=cache) for cache in (True, False)]
+    assert torch.equal(*runs) and runs[0].shape == (2, num_tokens)
+
+
 @pytest.mark.parametrize("prefix", [0, 1, N + 1])
 def test_decode_steps_equal_teacher_forcing(prefix):
     """The static cache's one-token step (tensor position, whole-buffer attention under a mask) gives

@@ -70,7 +70,8 @@ def sample_tokens(
     def rows(x_BT: torch.Tensor) -> torch.Tensor:  # the model's batch: twice the images under CFG
         return torch.cat([x_BT, x_BT]) if guided else x_BT
 
-    cache = model.new_cache(len(cond)) if use_cache else None
+    # input positions 0 … num_tokens − 1 (position i holds token i − 1), and 1 for the capture (_cached_step)
+    cache = model.new_cache(len(cond), max(num_tokens, 2)) if use_cache else None
     if use_cache:  # captured before the prefill (see _cached_step)
         step = _cached_step(model, cache, cond_B.is_cuda if cuda_graph is None else cuda_graph, compile_step)
     logits = model.next_logits(rows(ids), cond, cache)  # (B or 2B, V): the condition and the prefix
@@ -90,7 +91,7 @@ def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: b
     replayed from a CUDA graph if ``cuda_graph`` (PyTorch's "whole network capture" recipe: warm-up on
     a side stream, capture, then copy the inputs in and replay). At AR-SIT's sizes one token's step
     is a few hundred small kernels, so the GPU waits on Python launching them (RESULTS, "AR-SIT
-    sampling on an H100"); a graph launches them all at once.
+    sampling with a static KV cache", section "GPU session 2"); a graph launches them all at once.
 
     The graph is captured before the prefill. Warm-up and capture run the step at position 1 and so
     write keys there, but every position's keys are written again by the call that brings that

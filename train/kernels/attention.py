@@ -12,10 +12,14 @@ b_j <= b_i; ``sizes`` are the blocks' token counts (L = their sum). Two implemen
   templates tile the head dimension with ``tl.dot``, which needs at least 16 and a power of two:
   other head sizes take the reference.
 
-Measured on an H100 in bf16, forward + backward (``benchmarks/bench_attention.py``, RESULTS.md):
-SDPA with the dense mask is faster up to L = 1448 (FlexAttention 0.59–0.85× at SIT's 80 and 1280
-tokens and CART's 1448), FlexAttention from L = 5120 on (1.12× at SIT 512 px, 1.24× at 8192
-tokens). ``FLEX_MIN_TOKENS`` = 4096 lies in that untested gap: a choice, not a measured crossover.
+Measured on an H100 in bf16, forward + backward (``benchmarks/bench_attention.py``, RESULTS.md,
+"Block-causal attention: the FlexAttention threshold"): SDPA with the dense mask is faster up to
+4096 tokens (FlexAttention 0.60× at SIT's 1280 tokens, 0.89× at CART's 1448, 0.93× / 0.57× / 0.75×
+at 2048 / 3072 / 4096), FlexAttention from 5120 on (1.08× at SIT 512 px, 1.14× at 8192), the same
+crossover as an earlier session's run (1.12× and 1.24× there). So ``FLEX_MIN_TOKENS`` = 5120, the
+shortest length where FlexAttention measured faster (between 4096 and 5120 nothing was measured).
+One row disagreed between the two runs: 80 tokens at batch 64 (SIT's demo layout), where
+FlexAttention was 0.59–0.85× in the first and 1.83× in the second; the rule keeps SDPA there.
 
 FlexAttention is compiled once (``torch.compile(flex_attention)``, the way torch documents it) on
 first use; the CPU tests check the ``BlockMask`` path against the reference with the uncompiled
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from coarse2fine.train.kernels import use_kernel
 
-FLEX_MIN_TOKENS = 4096
+FLEX_MIN_TOKENS = 5120
 
 
 def block_causal_mask(tokens_per_block, device: torch.device | None = None) -> torch.Tensor:

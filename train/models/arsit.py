@@ -145,10 +145,11 @@ class ARSIT(nn.Module):
         s_1 = pos_1 // self.cfg.tokens_per_scale  # the scale of the predicted token: its head (§4.2)
         return (h @ self.head_w[s_1] + self.head_b[s_1])[:, 0]  # (B, 1, C) @ (1, C, V) → (B, V)
 
-    def new_cache(self, batch: int) -> KVCache:
-        p = self.pos
-        return KVCache(len(self.blocks), batch, self.blocks[0].heads, self.cfg.seq_len,
-                       p.shape[1] // self.blocks[0].heads, p.dtype, p.device)
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A static cache for ``max_len`` input positions (default: the whole sequence; sampling
+        that stops after scale s needs only its s·N, and attends over no more)."""
+        p, heads = self.pos, self.blocks[0].heads
+        return KVCache(len(self.blocks), batch, heads, max_len or self.cfg.seq_len, p.shape[1] // heads, p.dtype, p.device)
 
 
 def build_generator(cfg: ARSITConfig) -> ARSIT:
