@@ -29,24 +29,21 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 declare -A limit=([tests]=120 [kernels]=90 [sweep]=300 [attention]=60 [steps]=150 [sit]=120 [arsit]=100)
 for step in $steps; do
     echo "== $step"
+    case $step in
+        tests) cmd=(-m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_gpu.py -k "not nccl"); log=pytest.txt ;;
+        kernels) cmd=(benchmarks/bench_kernels.py); log=bench_kernels.md ;;
+        sweep) cmd=(benchmarks/bench_kernels.py --sweep); log=bench_kernels_sweep.md ;;
+        attention) cmd=(benchmarks/bench_attention.py); log=bench_attention.md ;;
+        steps) cmd=(benchmarks/bench_train_step.py ${ARGS_steps:-}); log=bench_train_step.md ;;
+        sit) cmd=(benchmarks/bench_sit.py --device cuda); log=bench_sit.md ;;
+        arsit) cmd=(benchmarks/bench_arsit.py --device cuda); log=bench_arsit.md ;;
+        *) echo "unknown step $step"; continue ;;
+    esac
     var="LIMIT_$step"
     t0=$SECONDS
-    (case $step in
-        tests) python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_gpu.py -k "not nccl" \
-                   2>&1 | tee "$OUT/pytest.txt" ;;
-        kernels) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.md" ;;
-        sweep) python3 benchmarks/bench_kernels.py --sweep 2>&1 | tee "$OUT/bench_kernels_sweep.md" ;;
-        attention) python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench_attention.md" ;;
-        steps) python3 benchmarks/bench_train_step.py ${ARGS_steps:-} 2>&1 | tee "$OUT/bench_train_step.md" ;;
-        sit) python3 benchmarks/bench_sit.py --device cuda 2>&1 | tee "$OUT/bench_sit.md" ;;
-        arsit) python3 benchmarks/bench_arsit.py --device cuda 2>&1 | tee "$OUT/bench_arsit.md" ;;
-        *) echo "unknown step $step" ;;
-    esac) &
-    job=$!
-    (sleep "${!var:-${limit[$step]:-120}}" && pkill -TERM -P $job && echo "== $step: over its time limit") &
-    watchdog=$!
-    wait $job
+    # timeout signals the step's whole process group (compile workers included), then kills it 10 s later
+    timeout -k 10 "${!var:-${limit[$step]}}" python3 "${cmd[@]}" 2>&1 | tee "$OUT/$log"
     rc=$?
-    kill $watchdog 2>/dev/null
+    [ $rc -eq 124 ] && echo "== $step: over its time limit"
     echo "$step rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
 done

@@ -145,13 +145,28 @@ def test_on_cuda_the_fused_haar_kernels_are_chosen_equal_the_reference_and_compi
     sum((o * w).sum() for o, w in zip(ours, weights)).backward()
     grad_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), x)[0]
     assert torch.allclose(x.grad, grad_ref, atol=1e-5)
-    # a triton_op: torch.compile traces into both kernels (fullgraph fails on a graph break)
+    # a triton_op: torch.compile traces into both kernels (fullgraph fails on a graph break), and
+    # inductor's code launches them (not a decomposition into the torch reference)
+    from torch._inductor.utils import run_and_get_code
+
     roundtrip = torch.compile(lambda t: haar.haar_idwt(haar.haar_dwt(t * 2, 3)) + 1, fullgraph=True)
-    assert torch.allclose(roundtrip(x.detach()), x.detach() * 2 + 1, atol=1e-5)
+    out, code = run_and_get_code(roundtrip, x.detach())
+    assert torch.allclose(out, x.detach() * 2 + 1, atol=1e-5)
+    assert "haar_dwt_kernel" in "".join(code) and "haar_idwt_kernel" in "".join(code)
+    # half-precision storage (the decoder's scales under bf16 autocast): fp32 arithmetic inside, the reference's dtype out
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = x.detach().to(dtype)
+        for o, r in zip(haar.haar_dwt(xh, 4), haar.haar_dwt_reference(xh.float(), 4)):
+            assert o.dtype == dtype and torch.allclose(o.float(), r, atol=0.05, rtol=0.01)
+        scales = [t.to(dtype) for t in ref]
+        assert haar.haar_idwt(scales).dtype == dtype
+        assert torch.allclose(haar.haar_idwt(scales).float(), haar.haar_idwt_reference([t.float() for t in scales]),
+                              atol=0.05, rtol=0.01)
 
 
 @pytest.mark.parametrize("levels, shape", [(1, (2, 3, 8, 8)), (1, (1, 1, 2, 2)), (2, (3, 2, 12, 20)),
-                                           (3, (2, 3, 64, 32)), (4, (1, 2, 16, 48))])
+                                           (3, (2, 3, 64, 32)), (4, (1, 2, 16, 48)), (5, (1, 2, 32, 64)),
+                                           (6, (1, 1, 64, 64))])
 def test_fused_haar_kernels_equal_pywavelets_and_train_through_their_adjoints(device, levels, shape):
     """The fused forward kernel against pywt.wavedec2 band by band; the fused inverse undoes it, also
     from fewer scales (a coarser image, against the reference); the gradients of both operators (each
@@ -197,7 +212,11 @@ def test_haar_takes_the_reference_on_cpu_and_beyond_the_fused_levels(monkeypatch
     monkeypatch.setattr(kernels, "use_kernel", lambda *t: True)  # as on CUDA: too many levels still take the reference
     monkeypatch.setattr(haar, "use_kernel", lambda *t: True)
     deep = torch.randn(1, 1, 2 ** (haar.MAX_FUSED_LEVELS + 1), 2 ** (haar.MAX_FUSED_LEVELS + 1))
-    assert len(haar.haar_dwt(deep, haar.MAX_FUSED_LEVELS + 1)) == haar.MAX_FUSED_LEVELS + 2
+    scales = haar.haar_dwt(deep, haar.MAX_FUSED_LEVELS + 1)
+    assert len(scales) == haar.MAX_FUSED_LEVELS + 2
+    assert torch.allclose(haar.haar_idwt(scales), deep, atol=1e-5)
+    ints = torch.randint(0, 255, (1, 3, 4, 4))  # integer images are not the kernels' (they would truncate)
+    assert torch.equal(haar.haar_dwt(ints, 1)[0], haar.haar_dwt_reference(ints, 1)[0])
 
 
 def brute_force_attention(q, k, v, sizes):

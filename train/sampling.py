@@ -70,9 +70,8 @@ def sample_tokens(
     def rows(x_BT: torch.Tensor) -> torch.Tensor:  # the model's batch: twice the images under CFG
         return torch.cat([x_BT, x_BT]) if guided else x_BT
 
-    # input positions 0 … num_tokens − 1 (position i holds token i − 1), and 1 for the capture (_cached_step)
-    cache = model.new_cache(len(cond), max(num_tokens, 2)) if use_cache else None
-    if use_cache:  # captured before the prefill (see _cached_step)
+    cache = model.new_cache(len(cond), num_tokens) if use_cache else None  # input positions 0 … num_tokens − 1
+    if use_cache and num_tokens - ids.shape[1] >= 2:  # a step to replay; captured before the prefill (_cached_step)
         step = _cached_step(model, cache, cond_B.is_cuda if cuda_graph is None else cuda_graph, compile_step)
     logits = model.next_logits(rows(ids), cond, cache)  # (B or 2B, V): the condition and the prefix
     while True:
@@ -93,8 +92,9 @@ def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: b
     is a few hundred small kernels, so the GPU waits on Python launching them (RESULTS, "AR-SIT
     sampling with a static KV cache", section "GPU session 2"); a graph launches them all at once.
 
-    The graph is captured before the prefill. Warm-up and capture run the step at position 1 and so
-    write keys there, but every position's keys are written again by the call that brings that
+    Built only when at least two tokens remain (the first comes from the prefill), so the cache has
+    a position 1. The graph is captured before the prefill. Warm-up and capture run the step at
+    position 1 and so write keys there, but every position's keys are written again by the call that brings that
     position before any query can read them (a query at p reads keys ≤ p).
     """
     fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile_step else model.decode_step
@@ -102,21 +102,23 @@ def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: b
     last_B1 = torch.zeros(cache.k_LBhMd.shape[1], 1, dtype=torch.long, device=device)
     pos_1 = torch.ones(1, dtype=torch.long, device=device)
     if cuda_graph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # cuBLAS handles, autotuning and (compiled) code generation happen here, not in the capture
-                fn(last_B1, pos_1, cache)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_BV = fn(last_B1, pos_1, cache)
+        with torch.cuda.device(device):  # the graph records the current device's stream: make it the cache's
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # cuBLAS handles, autotuning and (compiled) code generation happen here, not in the capture
+                    fn(last_B1, pos_1, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits_BV = fn(last_B1, pos_1, cache)
 
     def step(last: torch.Tensor, pos: int) -> torch.Tensor:
         last_B1.copy_(last)
         pos_1.fill_(pos)
         if cuda_graph:
-            graph.replay()
+            with torch.cuda.device(device):
+                graph.replay()
             out = logits_BV
         else:
             out = fn(last_B1, pos_1, cache)

@@ -1,6 +1,6 @@
 """Kernels: plain-PyTorch reference ops (always available) and, behind the same functions, fast
 kernels chosen automatically for CUDA tensors where they measured faster or leaner: the fused
-nearest-code search (``nearest_code``), the Haar DWT level and its inverse (``haar``), and
+nearest-code search (``nearest_code``), the multi-level Haar DWT and its inverse, levels fused (``haar``), and
 block-causal attention through FlexAttention (``attention``). ``force_reference(True)``
 (``train.kernels: reference``, set by the training loop like a ``torch.backends`` flag) makes every
 op take its torch reference.

@@ -41,14 +41,15 @@ def haar_dwt(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
     assert levels >= 0, f"{levels} levels"
     assert x_BCHW.shape[-1] % (1 << levels) == 0 and x_BCHW.shape[-2] % (1 << levels) == 0, (
         f"odd size {tuple(x_BCHW.shape)} at some level of {levels}")
-    if 1 <= levels <= MAX_FUSED_LEVELS and use_kernel(x_BCHW):
+    if 1 <= levels <= MAX_FUSED_LEVELS and x_BCHW.is_floating_point() and use_kernel(x_BCHW):
         return haar_dwt_triton(x_BCHW, levels)
     return haar_dwt_reference(x_BCHW, levels)
 
 
 def haar_idwt(scales: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`haar_dwt` (any number of scales: fewer scales give a coarser image)."""
-    if 2 <= len(scales) <= MAX_FUSED_LEVELS + 1 and scales[0].ndim == 4 and use_kernel(*scales):
+    if (2 <= len(scales) <= MAX_FUSED_LEVELS + 1 and scales[0].ndim == 4 and all(s.is_floating_point() for s in scales)
+            and use_kernel(*scales)):
         return haar_idwt_triton(scales)
     return haar_idwt_reference(scales)
 
@@ -99,14 +100,17 @@ def haar_dwt_triton(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
 
 
 def haar_idwt_triton(scales: list[torch.Tensor]) -> torch.Tensor:
-    """The fused kernel of :func:`haar_idwt`."""
-    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scales])  # as the reference's arithmetic
-    return _idwt_op(scales[0].to(dtype), [s.to(dtype) for s in scales[1:]])
+    """The fused kernel of :func:`haar_idwt` (the result in the approximation's dtype, as the reference's)."""
+    return _idwt_op(scales[0], list(scales[1:]))
 
 
 def _launch(x: torch.Tensor, levels: int):
     """Grid and tile of a fused launch whose level-L approximation is like ``x``'s."""
     import triton
+
+    assert 1 <= levels <= MAX_FUSED_LEVELS, f"the fused kernels do 1 to {MAX_FUSED_LEVELS} levels, not {levels}"
+    assert x.is_floating_point(), f"the Haar kernels take floating-point images, not {x.dtype}"
+    assert (x.numel() << 2 * levels) < 2**31, "the kernels index with int32: split the batch"
 
     side = 1 << levels
     block_p = max(1, PATCH_ELEMENTS // (side * side))
@@ -153,13 +157,8 @@ def _idwt_op(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _dwt_setup(ctx, inputs, output):
-    ctx.like = [o.new_empty(()).expand(o.shape) for o in output]  # shapes for outputs that get no gradient
-
-
-def _dwt_backward(ctx, grads):  # adjoint of an orthonormal map = its inverse
-    grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, ctx.like)]
-    return _idwt_op(grads[0], grads[1:]), None
+def _dwt_backward(ctx, grads):  # adjoint of an orthonormal map = its inverse (autograd fills unused outputs' grads with zeros)
+    return _idwt_op(grads[0], list(grads[1:])), None
 
 
 def _idwt_setup(ctx, inputs, output):
@@ -171,7 +170,7 @@ def _idwt_backward(ctx, grad):
     return scales[0], scales[1:]
 
 
-_dwt_op.register_autograd(_dwt_backward, setup_context=_dwt_setup)
+_dwt_op.register_autograd(_dwt_backward)
 _idwt_op.register_autograd(_idwt_backward, setup_context=_idwt_setup)
 
 
@@ -193,7 +192,7 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def forward(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+    def haar_dwt_kernel(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (P,) level-L pixels
         m, mm = p < n, (p < n)[:, None, None]
         bc, rem = p // (h * w), p % (h * w)
@@ -201,7 +200,7 @@ def _kernels():
         i = tl.arange(0, SIDE)
         off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
                + px[:, None, None] * SIDE + i[None, None, :])  # (P, SIDE, SIDE) input patches
-        x = tl.load(x_ptr + off, mask=mm)
+        x = tl.load(x_ptr + off, mask=mm).to(tl.float32)  # fp32 arithmetic whatever the storage (stores cast back)
         for half in tl.static_range(SIDE - 1, 0, -1):  # the levels: half = SIDE/2, SIDE/4, …, 1 (module docstring)
             if (half & (half - 1)) == 0:
                 x = tl.permute(tl.reshape(x, (BLOCK_P, half, 2, half, 2)), (0, 1, 3, 2, 4))  # (P, half, half, row, col)
@@ -213,8 +212,8 @@ def _kernels():
                 doff = (band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
                         + px[:, None, None] * half + j[None, None, :])
                 band = C * (h * half) * (w * half)  # from H to V, V to D
-                if 2 * half == SIDE:  # the level's output (static: half and SIDE are compile-time constants)
-                    dst = d1
+                if 2 * half == SIDE:  # the level's output (static: half and SIDE are compile-time constants;
+                    dst = d1  # _launch allows at most MAX_FUSED_LEVELS = 6 levels, so d6 is the last)
                 elif 4 * half == SIDE:
                     dst = d2
                 elif 8 * half == SIDE:
@@ -232,12 +231,12 @@ def _kernels():
         tl.store(a_ptr + p, tl.reshape(x, (BLOCK_P,)), mask=m)
 
     @triton.jit
-    def inverse(a_ptr, out_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+    def haar_idwt_kernel(a_ptr, out_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         m, mm = p < n, (p < n)[:, None, None]
         bc, rem = p // (h * w), p % (h * w)
         py, px = rem // w, rem % w
-        x = tl.reshape(tl.load(a_ptr + p, mask=m), (BLOCK_P, 1, 1))
+        x = tl.reshape(tl.load(a_ptr + p, mask=m).to(tl.float32), (BLOCK_P, 1, 1))
         for half in tl.static_range(1, SIDE):  # half = 1, 2, …, SIDE/2: coarsest level first
             if (half & (half - 1)) == 0:
                 j = tl.arange(0, half)  # as in forward
@@ -257,9 +256,9 @@ def _kernels():
                     src = d5
                 else:
                     src = d6
-                H = tl.load(src + doff, mask=mm)
-                V = tl.load(src + doff + band, mask=mm)
-                D = tl.load(src + doff + 2 * band, mask=mm)
+                H = tl.load(src + doff, mask=mm).to(tl.float32)
+                V = tl.load(src + doff + band, mask=mm).to(tl.float32)
+                D = tl.load(src + doff + 2 * band, mask=mm).to(tl.float32)
                 top = tl.join((x + H + V + D) * 0.5, (x + H - V - D) * 0.5)  # (P, half, half, col 2)
                 bottom = tl.join((x - H + V - D) * 0.5, (x - H - V + D) * 0.5)
                 x = tl.reshape(tl.permute(tl.join(top, bottom), (0, 1, 4, 2, 3)), (BLOCK_P, 2 * half, 2 * half))
@@ -268,4 +267,4 @@ def _kernels():
                + px[:, None, None] * SIDE + i[None, None, :])
         tl.store(out_ptr + off, x, mask=mm)
 
-    return forward, inverse
+    return haar_dwt_kernel, haar_idwt_kernel

@@ -95,7 +95,8 @@ class ARSIT(nn.Module):
 
     def _trunk(self, x_BTC: torch.Tensor, pos_T: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The decoder over inputs at positions ``pos_T`` (with a cache: after the positions it holds)."""
-        x_BTC = x_BTC + self.pos[pos_T]
+        # uncached calls start at 0: a slice, whose backward is cheaper than a gather's
+        x_BTC = x_BTC + (self.pos[pos_T] if cache is not None else self.pos[: x_BTC.shape[1]])
         for i, blk in enumerate(self.blocks):
             x_BTC = blk(x_BTC, cache, i, pos_T=pos_T)
         return self.ln_f(x_BTC)

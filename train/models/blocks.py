@@ -134,9 +134,6 @@ class KVCache:
         self.v_LBhMd[layer].index_copy_(2, pos_T, v_BhTd.to(self.v_LBhMd.dtype))
         return self.k_LBhMd[layer], self.v_LBhMd[layer]
 
-    def nbytes(self) -> int:
-        return 2 * self.k_LBhMd.numel() * self.k_LBhMd.element_size()
-
 
 class AttentionBlock(nn.Module):
     """Pre-norm layer: LN → self-attention → residual, LN → MLP → residual. ``causal`` (AR, with an
