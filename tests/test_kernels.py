@@ -219,6 +219,26 @@ def test_haar_takes_the_reference_on_cpu_and_beyond_the_fused_levels(monkeypatch
     assert torch.equal(haar.haar_dwt(ints, 1)[0], haar.haar_dwt_reference(ints, 1)[0])
 
 
+@pytest.mark.parametrize("kernel", ["haar", "nearest_code"])
+def test_kernels_pass_tritons_gpu_compiler_without_a_gpu(kernel):
+    """The interpreter runs kernel code as Python and accepts what the compiler refuses: the fused Haar
+    kernels once reassigned a constexpr in an unrolled loop and failed only on a GPU. Here the
+    compiler's front end turns every kernel into TTIR for an sm_90 target, on CPU, in a fresh process
+    (the interpreter patches ``triton.language`` in this one)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_front_end.py")), kernel],
+                         env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "TTIR ok" in run.stdout
+
+
 def brute_force_attention(q, k, v, sizes):
     """Softmax attention written out in float64, one query at a time, over the keys whose block
     (counted from ``sizes``) is not after the query's."""

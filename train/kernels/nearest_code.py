@@ -17,7 +17,7 @@ CPU tests run the kernel under ``TRITON_INTERPRET=1``: the kernel is decorated o
 setting is read then, not at import.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Triton reads constexpr parameters from their annotation objects
 
 import functools
 
