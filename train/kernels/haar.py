@@ -174,6 +174,9 @@ _dwt_op.register_autograd(_dwt_backward)
 _idwt_op.register_autograd(_idwt_backward, setup_context=_idwt_setup)
 
 
+_patch_offsets = _level_band = None  # the kernels' shared @triton.jit helpers, set by _kernels() (see there)
+
+
 @functools.cache
 def _kernels():
     """(forward, inverse) fused kernels, decorated on first use (``TRITON_INTERPRET`` is read then).
@@ -184,12 +187,45 @@ def _kernels():
     The inverse joins them back. The levels are the powers of two ``half`` in a ``static_range``
     over 1 … SIDE−1 (the others generate no code): a per-level constant must be a loop variable,
     because compiled Triton refuses to reassign an annotated constexpr in an unrolled loop and the
-    interpreter turns unannotated integer arithmetic into tensors, which shapes refuse. Helpers are
-    written inline: the interpreter runs a kernel in its module's globals, where functions defined
-    here would not be found.
+    interpreter turns unannotated integer arithmetic into tensors, which shapes refuse. The shared
+    helpers become module globals: both the interpreter and the compiler resolve a kernel's names
+    in its module's globals (not in this function's scope), and the compiler accepts a global that
+    is a ``@triton.jit`` function (not a namespace holding one).
     """
+    global _patch_offsets, _level_band
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def patch_offsets(bc, py, px, h, w, SIDE: tl.constexpr):
+        """Offsets (P, SIDE, SIDE) of each level-L pixel's input patch in the (B, C, h·SIDE, w·SIDE) image."""
+        i = tl.arange(0, SIDE)
+        return (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
+                + px[:, None, None] * SIDE + i[None, None, :])
+
+    @triton.jit
+    def level_band(bc, py, px, C, h, w, d1, d2, d3, d4, d5, d6, half: tl.constexpr, SIDE: tl.constexpr):
+        """(pointer, offsets (P, half, half), band stride) of the H band under each patch in the
+        level's (B, 3C, h·half, w·half) map; V and D are one and two band strides on."""
+        j = tl.arange(0, half)
+        start = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)  # (P,): channel c of image b's H band
+        off = (start[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
+               + px[:, None, None] * half + j[None, None, :])
+        if 2 * half == SIDE:  # static (half and SIDE are compile-time constants); _launch allows at most
+            ptr = d1  # MAX_FUSED_LEVELS = 6 levels, so d6 is the last
+        elif 4 * half == SIDE:
+            ptr = d2
+        elif 8 * half == SIDE:
+            ptr = d3
+        elif 16 * half == SIDE:
+            ptr = d4
+        elif 32 * half == SIDE:
+            ptr = d5
+        else:
+            ptr = d6
+        return ptr, off, C * (h * half) * (w * half)
+
+    _patch_offsets, _level_band = patch_offsets, level_band
 
     @triton.jit
     def haar_dwt_kernel(x_ptr, a_ptr, d1, d2, d3, d4, d5, d6, n, C, h, w, SIDE: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -197,9 +233,7 @@ def _kernels():
         m, mm = p < n, (p < n)[:, None, None]
         bc, rem = p // (h * w), p % (h * w)
         py, px = rem // w, rem % w
-        i = tl.arange(0, SIDE)
-        off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
-               + px[:, None, None] * SIDE + i[None, None, :])  # (P, SIDE, SIDE) input patches
+        off = _patch_offsets(bc, py, px, h, w, SIDE)  # (P, SIDE, SIDE)
         x = tl.load(x_ptr + off, mask=mm).to(tl.float32)  # fp32 arithmetic whatever the storage (stores cast back)
         for half in tl.static_range(SIDE - 1, 0, -1):  # the levels: half = SIDE/2, SIDE/4, …, 1 (module docstring)
             if (half & (half - 1)) == 0:
@@ -207,23 +241,7 @@ def _kernels():
                 left, right = tl.split(x)  # by column parity: each (P, half, half, row)
                 a, c = tl.split(left)
                 b, d = tl.split(right)
-                j = tl.arange(0, half)  # offsets (P, half, half) of the H band of this level's map under each patch
-                band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)  # (P,): channel c of image b's H band
-                doff = (band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
-                        + px[:, None, None] * half + j[None, None, :])
-                band = C * (h * half) * (w * half)  # from H to V, V to D
-                if 2 * half == SIDE:  # the level's output (static: half and SIDE are compile-time constants;
-                    dst = d1  # _launch allows at most MAX_FUSED_LEVELS = 6 levels, so d6 is the last)
-                elif 4 * half == SIDE:
-                    dst = d2
-                elif 8 * half == SIDE:
-                    dst = d3
-                elif 16 * half == SIDE:
-                    dst = d4
-                elif 32 * half == SIDE:
-                    dst = d5
-                else:
-                    dst = d6
+                dst, doff, band = _level_band(bc, py, px, C, h, w, d1, d2, d3, d4, d5, d6, half, SIDE)
                 tl.store(dst + doff, (a + b - c - d) * 0.5, mask=mm)
                 tl.store(dst + doff + band, (a - b + c - d) * 0.5, mask=mm)
                 tl.store(dst + doff + 2 * band, (a - b - c + d) * 0.5, mask=mm)
@@ -239,32 +257,14 @@ def _kernels():
         x = tl.reshape(tl.load(a_ptr + p, mask=m).to(tl.float32), (BLOCK_P, 1, 1))
         for half in tl.static_range(1, SIDE):  # half = 1, 2, …, SIDE/2: coarsest level first
             if (half & (half - 1)) == 0:
-                j = tl.arange(0, half)  # as in forward
-                band = ((bc // C) * 3 * C + bc % C) * (h * half) * (w * half)
-                doff = (band[:, None, None] + (py[:, None, None] * half + j[None, :, None]) * (w * half)
-                        + px[:, None, None] * half + j[None, None, :])
-                band = C * (h * half) * (w * half)
-                if 2 * half == SIDE:
-                    src = d1
-                elif 4 * half == SIDE:
-                    src = d2
-                elif 8 * half == SIDE:
-                    src = d3
-                elif 16 * half == SIDE:
-                    src = d4
-                elif 32 * half == SIDE:
-                    src = d5
-                else:
-                    src = d6
+                src, doff, band = _level_band(bc, py, px, C, h, w, d1, d2, d3, d4, d5, d6, half, SIDE)
                 H = tl.load(src + doff, mask=mm).to(tl.float32)
                 V = tl.load(src + doff + band, mask=mm).to(tl.float32)
                 D = tl.load(src + doff + 2 * band, mask=mm).to(tl.float32)
                 top = tl.join((x + H + V + D) * 0.5, (x + H - V - D) * 0.5)  # (P, half, half, col 2)
                 bottom = tl.join((x - H + V - D) * 0.5, (x - H - V + D) * 0.5)
                 x = tl.reshape(tl.permute(tl.join(top, bottom), (0, 1, 4, 2, 3)), (BLOCK_P, 2 * half, 2 * half))
-        i = tl.arange(0, SIDE)
-        off = (bc[:, None, None] * (h * SIDE) * (w * SIDE) + (py[:, None, None] * SIDE + i[None, :, None]) * (w * SIDE)
-               + px[:, None, None] * SIDE + i[None, None, :])
+        off = _patch_offsets(bc, py, px, h, w, SIDE)
         tl.store(out_ptr + off, x, mask=mm)
 
     return haar_dwt_kernel, haar_idwt_kernel
