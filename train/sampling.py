@@ -94,8 +94,8 @@ def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: b
 
     Built only when at least two tokens remain (the first comes from the prefill), so the cache has
     a position 1. The graph is captured before the prefill. Warm-up and capture run the step at
-    position 1 and so write keys there, but every position's keys are written again by the call that brings that
-    position before any query can read them (a query at p reads keys ≤ p).
+    position 1 and so write keys there, but every position's keys are written again by the call
+    that brings that position before any query can read them (a query at p reads keys ≤ p).
     """
     fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile_step else model.decode_step
     device = cache.k_LBhMd.device
@@ -106,7 +106,7 @@ def _cached_step(model: ARSIT, cache: KVCache, cuda_graph: bool, compile_step: b
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):  # cuBLAS handles, autotuning and (compiled) code generation happen here, not in the capture
+                for _ in range(3):  # cuBLAS handles, autotuning, compiled code: made here, not in the capture
                     fn(last_B1, pos_1, cache)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()

@@ -17,14 +17,16 @@ in registers and writes each level's details once, so the DWT reads its input on
 output once (2 passes over the data instead of 8/3: the transform is memory-bound). The inverse
 mirrors it.
 
-Both run on CUDA tensors (when Triton imports; not for float64, and not when
+Both run on floating-point CUDA tensors (when Triton imports; not for float64, and not when
 ``kernels.force_reference`` asks for torch everywhere) and are ``torch.library.triton_op``
 operators, so ``torch.compile`` traces into the kernels instead of breaking the graph around them.
 The transform is orthonormal, so its adjoint is its inverse: each kernel's backward is the other
 kernel, with no saved tensors.
 """
 
-import functools  # no `from __future__ import annotations`: Triton's interpreter finds constexpr parameters by their annotation object
+# No `from __future__ import annotations` here: Triton's interpreter finds constexpr parameters by
+# their annotation objects.
+import functools
 
 import torch
 
@@ -157,7 +159,8 @@ def _idwt_op(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _dwt_backward(ctx, grads):  # adjoint of an orthonormal map = its inverse (autograd fills unused outputs' grads with zeros)
+def _dwt_backward(ctx, grads):
+    """The adjoint of an orthonormal map is its inverse (autograd gives unused outputs zero gradients)."""
     return _idwt_op(grads[0], list(grads[1:])), None
 
 
