@@ -149,8 +149,7 @@ class ARSIT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A static cache for ``max_len`` input positions (default: the whole sequence; sampling
         that stops after scale s needs only its s·N, and attends over no more)."""
-        p, heads = self.pos, self.blocks[0].heads
-        return KVCache(len(self.blocks), batch, heads, max_len or self.cfg.seq_len, p.shape[1] // heads, p.dtype, p.device)
+        return KVCache.for_layers(self.blocks, batch, max_len or self.cfg.seq_len, self.pos)
 
 
 def build_generator(cfg: ARSITConfig) -> ARSIT:

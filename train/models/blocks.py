@@ -123,6 +123,12 @@ class KVCache:
         self.v_LBhMd = torch.zeros_like(self.k_LBhMd)
         self.length = 0
 
+    @classmethod
+    def for_layers(cls, blocks: nn.ModuleList, batch: int, max_len: int, like: torch.Tensor) -> KVCache:
+        """A cache for these ``AttentionBlock`` layers, in ``like``'s dtype and device."""
+        heads = blocks[0].heads
+        return cls(len(blocks), batch, heads, max_len, blocks[0].qkv.in_features // heads, like.dtype, like.device)
+
     @property
     def max_len(self) -> int:
         return self.k_LBhMd.shape[3]

@@ -113,8 +113,7 @@ class CARTAR(nn.Module):
         return self._trunk(x, first, cache, mask=mask)
 
     def new_cache(self, batch: int) -> KVCache:
-        p, heads = self.pos, self.blocks[0].heads
-        return KVCache(len(self.blocks), batch, heads, self.cfg.seq_len, p.shape[1] // heads, p.dtype, p.device)
+        return KVCache.for_layers(self.blocks, batch, self.cfg.seq_len, self.pos)
 
 
 def build_cart_ar(cfg: CARTARConfig) -> CARTAR:
